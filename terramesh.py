@@ -1,0 +1,351 @@
+"""
+The data stage: TerraMesh modalities, reading TerraMesh-layout folders, and a synthetic TerraMesh world.
+
+TerraMind is pretrained on TerraMesh: co-registered samples of up to nine modalities (paper §3). This file
+is the one place that names a modality. It holds
+
+  * `MODALITIES`, the modality table: kind, bands in the official channel order, how the modality enters
+    the model (pixels and/or tokens), vocabulary, the official v1 normalization constants and the
+    official state-dict keys (../shared/spec/terramind_official.md §1);
+  * `TerraMeshDataset`, a reader for `<root>/<MODALITY>/<sample_id>.tif` (+ `caption/<id>.txt`,
+    `coords/<id>.txt`) that returns standardized tensors and refuses bad files with a clear error;
+  * `synthesize`, a synthetic world whose modalities are physically correlated (terrain -> water, snow,
+    land cover -> spectra, backscatter, NDVI, captions), so every later stage can be trained on a laptop;
+  * pictures: `render` (any modality -> RGB), `save_png` (a zlib PNG encoder), `save_sheet`.
+
+It consumes GeoTIFF folders and produces nothing but folders and pictures; later stages import it.
+
+    python terramesh.py synth --out data/synth --n 2000 --size 64      # synthetic world (CPU, seconds)
+    python terramesh.py stats --root data/synth                        # per-band stats vs official ones
+    python terramesh.py show --root data/synth --id 00000 --out sample.png
+    python terramesh.py show --root ../shared/realdata/terramesh --id 637U_59R_1_3 --out real.png
+
+There is no GPU or multi-GPU variant of this stage: it is numpy on one CPU process.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import re
+import struct
+import time
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import torch
+
+# -----------------------------------------------------------------------------------------------------------
+# The modality table
+
+TILE = 224   # official input size of every image modality
+PATCH = 16   # official patch size: 224 / 16 = 14 x 14 = 196 tokens per image modality
+
+S2_BANDS = ("COASTAL_AEROSOL", "BLUE", "GREEN", "RED", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3",
+            "NIR_BROAD", "NIR_NARROW", "WATER_VAPOR", "SWIR_1", "SWIR_2")  # spec §1.2, L2A has no B10
+S2_BAND_CODES = dict(zip(S2_BANDS + ("CIRRUS",), ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A",
+                                                   "B9", "B11", "B12", "B10")))
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str                          # the user's name, also the TerraMesh folder name
+    kind: str                          # "image" or "sequence"
+    bands: tuple = ()                  # official channel order (image modalities)
+    pixel_key: str | None = None       # official key when it enters the encoder as raw pixel patches
+    token_key: str | None = None       # official key when it enters or leaves as discrete tokens
+    vocab_size: int | None = None      # size of the token vocabulary
+    fsq_levels: tuple | None = None    # FSQ levels of its image tokenizer (prod = vocab_size)
+    decoder: str | None = None         # its tokenizer's decoder: "diffusion" or "vit"
+    mean: tuple = ()                   # official v1 standardization constants, per band (spec §1.3)
+    std: tuple = ()
+    dtype: str = "float32"             # dtype of real TerraMesh files
+    max_length: int | None = None      # sequence modalities: maximum tokens
+
+    @property
+    def channels(self) -> int:
+        return len(self.bands)
+
+
+_FSQ16K, _FSQ4K = (8, 8, 8, 6, 5), (7, 5, 5, 5, 5)
+_S2L2A_MEAN = (1390.458, 1503.317, 1718.197, 1853.91, 2199.1, 2779.975, 2987.011, 3083.234, 3132.22,
+               3162.988, 2424.884, 1857.648)
+_S2L2A_STD = (2106.761, 2141.107, 2038.973, 2134.138, 2085.321, 1889.926, 1820.257, 1871.918, 1753.829,
+              1797.379, 1434.261, 1334.311)
+
+MODALITIES: dict[str, Modality] = {m.name: m for m in [
+    Modality("S2L1C", "image", S2_BANDS[:10] + ("CIRRUS",) + S2_BANDS[10:], pixel_key="untok_sen2l1c@224",
+             mean=(2357.089, 2137.385, 2018.788, 2082.986, 2295.651, 2854.537, 3122.849, 3040.56, 3306.481,
+                   1473.847, 506.07, 2472.825, 1838.929),
+             std=(1624.683, 1675.806, 1557.708, 1833.702, 1823.738, 1733.977, 1732.131, 1679.732, 1727.26,
+                  1024.687, 442.165, 1331.411, 1160.419), dtype="int16"),
+    Modality("S2L2A", "image", S2_BANDS, pixel_key="untok_sen2l2a@224", token_key="tok_sen2l2a@224",
+             vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=_S2L2A_MEAN, std=_S2L2A_STD,
+             dtype="int16"),
+    Modality("S2RGB", "image", ("RED", "GREEN", "BLUE"), pixel_key="untok_sen2rgb@224",
+             mean=(87.271, 80.931, 66.667), std=(58.767, 47.663, 42.631), dtype="uint8"),
+    Modality("S1GRD", "image", ("VV", "VH"), pixel_key="untok_sen1grd@224", token_key="tok_sen1grd@224",
+             vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=(-12.599, -20.293),
+             std=(5.195, 5.890), dtype="float32"),
+    Modality("S1RTC", "image", ("VV", "VH"), pixel_key="untok_sen1rtc@224", token_key="tok_sen1rtc@224",
+             vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=(-10.93, -17.329),
+             std=(4.391, 4.459), dtype="float64"),
+    Modality("DEM", "image", ("DEM",), pixel_key="untok_dem@224", token_key="tok_dem@224", vocab_size=15360,
+             fsq_levels=_FSQ16K, decoder="diffusion", mean=(670.665,), std=(951.272,), dtype="int16"),
+    Modality("LULC", "image", ("LULC",), token_key="tok_lulc@224", vocab_size=4375, fsq_levels=_FSQ4K,
+             decoder="vit", mean=(0.0,), std=(1.0,), dtype="uint8"),   # class indices: identity
+    Modality("NDVI", "image", ("NDVI",), token_key="tok_ndvi@224", vocab_size=15360, fsq_levels=_FSQ16K,
+             decoder="diffusion", mean=(0.327,), std=(0.322,), dtype="float64"),
+    Modality("caption", "sequence", token_key="caption", vocab_size=30000, max_length=256),
+    Modality("coords", "sequence", token_key="coords", vocab_size=30000, max_length=4),
+]}
+IMAGE_MODALITIES = tuple(n for n, m in MODALITIES.items() if m.kind == "image")
+SEQUENCE_MODALITIES = tuple(n for n, m in MODALITIES.items() if m.kind == "sequence")
+PIXEL_MODALITIES = tuple(n for n, m in MODALITIES.items() if m.pixel_key)   # enter the encoder as pixels
+TOKEN_MODALITIES = tuple(n for n, m in MODALITIES.items() if m.token_key)   # enter or leave as tokens
+TOKENIZED_IMAGES = tuple(n for n in TOKEN_MODALITIES if MODALITIES[n].kind == "image")  # have an FSQ tokenizer
+
+# ESRI 10 m land cover, the classes of the v1 LULC tokenizer (HF card): index, name, colour (ESRI palette)
+LULC_CLASSES = ("no data", "water", "trees", "flooded vegetation", "crops", "built area", "bare ground",
+                "snow/ice", "clouds", "rangeland")
+LULC_COLORS = np.array([(0, 0, 0), (65, 155, 223), (57, 125, 73), (122, 135, 198), (228, 150, 53),
+                        (196, 40, 27), (165, 155, 143), (168, 235, 255), (97, 97, 97), (227, 226, 195)],
+                       dtype=np.uint8)
+NO_DATA, WATER, TREES, FLOODED, CROPS, BUILT, BARE, SNOW, CLOUDS, RANGE = range(10)
+
+
+def modality(name: str) -> Modality:
+    """Looks a modality up by name; the error lists the known ones."""
+    if name not in MODALITIES:
+        raise KeyError(f"unknown modality {name!r}; known: {', '.join(MODALITIES)}")
+    return MODALITIES[name]
+
+
+def _stats(name, x, axis):
+    m = modality(name)
+    if m.kind != "image":
+        raise ValueError(f"{name} is a sequence modality; only image modalities are standardized")
+    shape = [1] * x.ndim
+    shape[axis] = m.channels
+    if x.shape[axis] != m.channels:
+        raise ValueError(f"{name} has {m.channels} bands, got an array of shape {tuple(x.shape)} "
+                         f"(channel axis {axis})")
+    if isinstance(x, torch.Tensor):
+        return (torch.tensor(m.mean, dtype=torch.float32, device=x.device).view(shape),
+                torch.tensor(m.std, dtype=torch.float32, device=x.device).view(shape))
+    return np.asarray(m.mean, np.float32).reshape(shape), np.asarray(m.std, np.float32).reshape(shape)
+
+
+def standardize(name: str, x, axis: int = -3):
+    """(x - mean) / std per band with the official v1 constants; x is numpy or torch, channels at `axis`
+    ((C, H, W) or (B, C, H, W) by default). LULC class maps pass through unchanged."""
+    if name == "LULC":
+        return x
+    mean, std = _stats(name, x, axis)
+    return ((x.float() if isinstance(x, torch.Tensor) else x.astype(np.float32)) - mean) / std
+
+
+def destandardize(name: str, x, axis: int = -3):
+    """Inverse of `standardize`: back to physical units (reflectance x 1e4, dB, metres, NDVI)."""
+    if name == "LULC":
+        return x
+    mean, std = _stats(name, x, axis)
+    return x * std + mean
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Reading and writing GeoTIFFs
+
+# GeoTIFF tags that carry the georeferencing: pixel scale, tie points, transformation, GeoKeys, doubles, ascii
+GEO_TAGS = {33550: "d", 33922: "d", 34264: "d", 34735: "H", 34736: "d", 34737: "s", 42113: "s"}
+
+
+def read_tiff(path) -> tuple[np.ndarray, dict]:
+    """Reads the first image of a (Geo)TIFF as it is stored, and its georeferencing tags {code: value}.
+    A file that is not a TIFF, is truncated or does not decode raises ValueError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                if count == 0 or offset + count > size:   # tifffile would silently read the missing part
+                    raise ValueError(f"truncated: image data runs to byte {offset + count}, file has {size}")
+            x = page.asarray()
+            geo = {tag.code: tag.value for tag in page.tags.values() if tag.code in GEO_TAGS}
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
+    return x, geo
+
+
+def write_geotiff(path, x: np.ndarray, geo: dict | None = None, offset: tuple = (0, 0)):
+    """Writes (C, H, W) or (H, W) channel-last as TerraMesh does, with georeferencing tags from `read_tiff`.
+    `offset=(row, col)` shifts the tie point, for a window cut out of the tile the tags came from.
+    The write is atomic: a crash never leaves a half-written file."""
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = np.moveaxis(x, 0, -1)                                              # (H, W, C)
+    extratags = []
+    for code, value in (geo or {}).items():
+        value = list(value) if isinstance(value, (tuple, list)) else value
+        if code == 33922 and any(offset) and 33550 in geo:                     # (I, J, K, X, Y, Z) tie point
+            sx, sy = geo[33550][0], geo[33550][1]
+            value[3] += offset[1] * sx
+            value[4] -= offset[0] * sy
+        count = len(value) + 1 if GEO_TAGS[code] == "s" else (len(value) if isinstance(value, list) else 1)
+        extratags.append((code, GEO_TAGS[code], count, value, True))
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tifffile.imwrite(tmp, x, extratags=extratags, photometric="minisblack", metadata=None)
+    os.replace(tmp, path)
+
+
+def to_channels_first(x: np.ndarray, channels: int, path) -> np.ndarray:
+    """(H, W, C), (C, H, W) or (H, W) -> (C, H, W); TerraMesh files are channel-last, others channel-first."""
+    if x.ndim == 2 and channels == 1:
+        return x[None]
+    if x.ndim == 3:
+        if x.shape[-1] == channels:            # channel-last wins when both fit (TerraMesh convention)
+            return np.moveaxis(x, -1, 0)
+        if x.shape[0] == channels:
+            return x
+    raise ValueError(f"{path}: expected {channels} band(s), got an array of shape {x.shape}")
+
+
+def parse_coords(text: str, path="coords") -> tuple[float, float]:
+    """'lat=35.75 lon=-89.00' -> (lon, lat), the official order; a malformed or out-of-range text raises."""
+    match = re.fullmatch(r"\s*lat=\s*([-+]?\d+(?:\.\d*)?)\s+lon=\s*([-+]?\d+(?:\.\d*)?)\s*", text)
+    if not match:
+        raise ValueError(f"{path}: cannot parse coords {text.strip()[:60]!r}; expected 'lat=35.75 lon=-89.00'")
+    lat, lon = float(match[1]), float(match[2])
+    if not (-90 <= lat <= 90 and -180 <= lon <= 180):
+        raise ValueError(f"{path}: coords out of range (lat {lat}, lon {lon})")
+    return lon, lat
+
+
+def format_coords(lon: float, lat: float) -> str:
+    """(lon, lat) -> 'lat=35.75 lon=-89.00' on the official 0.25 degree grid (never '-0.00')."""
+    lat, lon = round(lat * 4) / 4 + 0.0, round(lon * 4) / 4 + 0.0
+    return f"lat={lat:.2f} lon={lon:.2f}"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The dataset
+
+class TerraMeshDataset(torch.utils.data.Dataset):
+    """Samples of a TerraMesh-layout folder: `<root>/<MODALITY>/<id>.tif`, `<root>/caption/<id>.txt`,
+    `<root>/coords/<id>.txt`, and optionally a label folder `<root>/<labels>/<id>.tif`.
+
+    `ds[i]` is a dict with one entry per modality the sample has: image modalities as standardized float32
+    (C, H, W), LULC as an int64 class map (H, W), caption and coords as strings, the label (if asked for) as
+    int64 (H, W). Missing modalities are simply absent. `size` crops every image to size x size ("center" or
+    "random" crop, the same window for all modalities of a sample); `size=None` keeps the full tile.
+    `split` reads the sample ids from `<root>/splits/<split>.txt`."""
+
+    def __init__(self, root, modalities=None, size=224, crop="center", seed=0, split=None, labels=None):
+        self.root, self.size, self.crop, self.seed, self.labels = Path(root), size, crop, seed, labels
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: no such dataset folder")
+        folders = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        unknown = folders - set(MODALITIES) - {"splits", labels}
+        if unknown:
+            raise ValueError(f"{self.root}: unknown modality folder(s) {sorted(unknown)}; known: "
+                             f"{', '.join(MODALITIES)} (plus 'splits' and the label folder)")
+        if modalities is None:
+            modalities = [m for m in MODALITIES if m in folders]
+        for m in modalities:
+            modality(m)
+        self.modalities = list(modalities)
+        self.files: dict[str, dict[str, Path]] = {}     # modality -> {id: path}
+        for m in self.modalities + ([labels] if labels else []):
+            ext = ".txt" if m in SEQUENCE_MODALITIES else ".tif"
+            folder = self.root / m
+            self.files[m] = {p.name[:-len(ext)]: p for p in folder.iterdir()
+                             if p.name.endswith(ext)} if folder.is_dir() else {}
+        if split is not None:
+            split_file = self.root / "splits" / f"{split}.txt"
+            if not split_file.exists():
+                raise FileNotFoundError(f"{split_file}: no such split file")
+            self.ids = split_file.read_text().split()
+        else:
+            self.ids = sorted(set().union(*(self.files[m] for m in self.modalities)) if self.modalities else [])
+        if labels:
+            self.ids = [i for i in self.ids if i in self.files[labels]]
+        self.epoch = 0
+        self.nan_replaced: dict[str, int] = {}          # modality -> NaN pixels replaced (this process)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def set_epoch(self, epoch: int):
+        """Random crops depend on (seed, epoch, index): call once per epoch for new windows."""
+        self.epoch = epoch
+
+    def available(self, i: int) -> list[str]:
+        return [m for m in self.modalities if self.ids[i] in self.files[m]]
+
+    def __getitem__(self, i: int) -> dict:
+        sid = self.ids[i]
+        sample, arrays = {}, {}
+        for m in self.available(i):
+            path = self.files[m][sid]
+            if MODALITIES[m].kind == "sequence":
+                text = path.read_text(encoding="utf-8").strip()
+                if m == "coords":
+                    parse_coords(text, path)
+                sample[m] = text
+            else:
+                arrays[m] = (path, self._read_image(m, path))
+        if self.labels and sid in self.files[self.labels]:
+            path = self.files[self.labels][sid]
+            x, _ = read_tiff(path)
+            arrays[self.labels] = (path, to_channels_first(x, 1, path)[0].astype(np.int64))
+        if not arrays:
+            return sample
+        shapes = {m: x.shape[-2:] for m, (_, x) in arrays.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"sample {sid}: modalities differ in size: " + ", ".join(
+                f"{arrays[m][0]} {h}x{w}" for m, (h, w) in shapes.items()))
+        top, left = self._window(i, *next(iter(shapes.values())), arrays)
+        s = self.size
+        for m, (path, x) in arrays.items():
+            x = x[..., top:top + s, left:left + s] if s else x
+            sample[m] = torch.from_numpy(np.ascontiguousarray(x))
+        return sample
+
+    def _window(self, i, h, w, arrays):
+        s = self.size
+        if s is None:
+            return 0, 0
+        if h < s or w < s:
+            path = next(iter(arrays.values()))[0]
+            raise ValueError(f"{path}: tile is {h}x{w}, smaller than the requested size {s}")
+        if self.crop == "center":
+            return (h - s) // 2, (w - s) // 2
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+
+    def _read_image(self, m: str, path) -> np.ndarray:
+        mod = MODALITIES[m]
+        x, _ = read_tiff(path)
+        x = to_channels_first(x, mod.channels, path)
+        if m == "LULC":
+            x = x[0].astype(np.int64)
+            if x.min() < 0 or x.max() >= len(LULC_CLASSES):
+                raise ValueError(f"{path}: LULC classes must lie in 0..{len(LULC_CLASSES) - 1}, "
+                                 f"found {x.min()}..{x.max()}")
+            return x
+        x = standardize(m, x)
+        nan = np.isnan(x)
+        if nan.any():                   # Sentinel-1 no-data: the band mean, i.e. 0 after standardization
+            n = int(nan.sum())
+            x[nan] = 0.0
+            self.nan_replaced[m] = self.nan_replaced.get(m, 0) + n
+            warnings.warn(f"{path}: replaced {n} NaN pixels by the {m} mean", stacklevel=2)
+        return x
