@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import re
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import tifffile
 import torch
 
@@ -349,3 +351,51 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             self.nan_replaced[m] = self.nan_replaced.get(m, 0) + n
             warnings.warn(f"{path}: replaced {n} NaN pixels by the {m} mean", stacklevel=2)
         return x
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: every stage writes safetensors with its config as JSON metadata (STYLE.md point 6)
+
+def save_safetensors(path, tensors: dict, meta: dict):
+    """Writes tensors plus JSON-able metadata ({"config": {...}, ...}) atomically: temp file, fsync, rename.
+    A crash mid-write leaves the previous file intact. Shared storage (tied weights) is cloned apart."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    meta = {**meta, "crc32": _crc32(out)}           # detects flipped bytes that safetensors would load
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    safetensors.torch.save_file(out, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_safetensors(path, device="cpu") -> tuple[dict, dict]:
+    """Reads a checkpoint written by `save_safetensors` -> (tensors, metadata). A missing, truncated or
+    corrupted file raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable checkpoint, truncated or corrupted? "
+                         f"({type(e).__name__}: {e})") from None
+    if "crc32" in meta and meta.pop("crc32") != _crc32(tensors):
+        raise ValueError(f"{path}: checkpoint is corrupted (checksum mismatch)")
+    return tensors, meta
+
+
+def _crc32(tensors: dict) -> int:
+    crc = 0
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        crc = zlib.crc32(t.view(torch.uint8).numpy() if t.numel() else b"", zlib.crc32(k.encode(), crc))
+    return crc
