@@ -41,6 +41,7 @@ import numpy as np
 import safetensors.torch
 import tifffile
 import torch
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------------------------------------
 # The modality table
@@ -167,6 +168,11 @@ def destandardize(name: str, x, axis: int = -3):
 GEO_TAGS = {33550: "d", 33922: "d", 34264: "d", 34735: "H", 34736: "d", 34737: "s", 42113: "s"}
 
 
+# one page, bands interleaved per pixel (H, W, C), as TerraMesh stores them
+_TIFF_LAYOUT = {2: dict(photometric="minisblack", metadata=None),
+                3: dict(photometric="minisblack", planarconfig="contig", metadata=None)}
+
+
 def read_tiff(path) -> tuple[np.ndarray, dict]:
     """Reads the first image of a (Geo)TIFF as it is stored, and its georeferencing tags {code: value}.
     A file that is not a TIFF, is truncated or does not decode raises ValueError naming the file."""
@@ -174,12 +180,13 @@ def read_tiff(path) -> tuple[np.ndarray, dict]:
     try:
         size = path.stat().st_size
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages.first
-            for offset, count in zip(page.dataoffsets, page.databytecounts):
-                if count == 0 or offset + count > size:   # tifffile would silently read the missing part
-                    raise ValueError(f"truncated: image data runs to byte {offset + count}, file has {size}")
-            x = page.asarray()
-            geo = {tag.code: tag.value for tag in page.tags.values() if tag.code in GEO_TAGS}
+            series = tif.series[0]
+            for page in series.pages:
+                for offset, count in zip(page.dataoffsets, page.databytecounts):
+                    if count == 0 or offset + count > size:   # tifffile would silently read the missing part
+                        raise ValueError(f"truncated: image data runs to byte {offset + count}, file has {size}")
+            x = series.asarray()
+            geo = {tag.code: tag.value for tag in tif.pages.first.tags.values() if tag.code in GEO_TAGS}
     except Exception as e:
         raise ValueError(f"{path}: cannot read TIFF ({type(e).__name__}: {e})") from None
     return x, geo
@@ -202,7 +209,7 @@ def write_geotiff(path, x: np.ndarray, geo: dict | None = None, offset: tuple = 
         count = len(value) + 1 if GEO_TAGS[code] == "s" else (len(value) if isinstance(value, list) else 1)
         extratags.append((code, GEO_TAGS[code], count, value, True))
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tifffile.imwrite(tmp, x, extratags=extratags, photometric="minisblack", metadata=None)
+    tifffile.imwrite(tmp, x, extratags=extratags, **_TIFF_LAYOUT[x.ndim])
     os.replace(tmp, path)
 
 
@@ -255,10 +262,11 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such dataset folder")
         folders = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        unknown = folders - set(MODALITIES) - {"splits", labels}
+        unknown = {f for f in folders - set(MODALITIES) - {"splits"} if f != "label" and
+                   not f.startswith("label_")}
         if unknown:
             raise ValueError(f"{self.root}: unknown modality folder(s) {sorted(unknown)}; known: "
-                             f"{', '.join(MODALITIES)} (plus 'splits' and the label folder)")
+                             f"{', '.join(MODALITIES)} (plus 'splits' and label folders 'label*')")
         if modalities is None:
             modalities = [m for m in MODALITIES if m in folders]
         for m in modalities:
@@ -399,3 +407,431 @@ def _crc32(tensors: dict) -> int:
         t = tensors[k].detach().cpu().contiguous()
         crc = zlib.crc32(t.view(torch.uint8).numpy() if t.numel() else b"", zlib.crc32(k.encode(), crc))
     return crc
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The synthetic TerraMesh world: terrain -> water, snow, land cover -> spectra, backscatter, NDVI, captions
+
+# Surface reflectance x 1e4 per class, bands B1 B2 B3 B4 B5 B6 B7 B8 B8A B9 B11 B12 (typical published spectra)
+SIGNATURES = np.array([
+    [1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000, 1000],   # no data (unused)
+    [600, 520, 470, 320, 260, 210, 190, 160, 140, 110, 80, 60],                  # water
+    [300, 350, 560, 340, 900, 2300, 2800, 3000, 3100, 3100, 1500, 700],          # trees
+    [420, 460, 660, 480, 900, 1600, 1900, 2000, 2050, 2000, 900, 450],           # flooded vegetation
+    [500, 560, 850, 700, 1300, 2800, 3400, 3600, 3700, 3700, 2200, 1200],        # crops
+    [1200, 1300, 1450, 1600, 1700, 1800, 1900, 2000, 2050, 2000, 2300, 2100],    # built area
+    [1400, 1600, 2000, 2500, 2800, 3000, 3150, 3250, 3350, 3350, 3900, 3300],    # bare ground
+    [8500, 8800, 8700, 8500, 8300, 8000, 7700, 7500, 7200, 6800, 1200, 800],     # snow/ice
+    [7000, 7200, 7300, 7400, 7500, 7600, 7600, 7700, 7700, 6500, 5500, 4500],    # clouds (cloud top)
+    [700, 800, 1100, 1200, 1600, 2200, 2500, 2650, 2750, 2750, 2800, 1900],      # rangeland
+], dtype=np.float32)
+# Sentinel-1 terrain-flattened backscatter gamma0 in dB per class (VV, VH); radar sees through clouds
+BACKSCATTER = np.array([[-12, -19], [-22, -29], [-7.5, -13.5], [-6, -15], [-10, -17], [2, -7], [-14, -23],
+                        [-13, -21], [-11, -18], [-11, -18]], dtype=np.float32)
+# L1C = L2A * transmittance + path radiance (13 bands, B10 cirrus inserted after B9); per unit of aerosol
+PATH_RADIANCE = np.array([950, 650, 320, 230, 110, 80, 60, 0, 0, 0, 0, 50, 0], dtype=np.float32)
+TRANSMITTANCE = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0.45, 1, 1, 1], dtype=np.float32)   # B9: water vapour
+CAPTION_PHRASES = {WATER: ["open water", "water"], TREES: ["forest", "woodland", "trees"],
+                   FLOODED: ["wetland", "flooded vegetation", "marsh"],
+                   CROPS: ["cropland", "farm fields", "agricultural fields"],
+                   BUILT: ["buildings", "a built-up area", "a small settlement"],
+                   BARE: ["bare ground", "bare soil and rock"], SNOW: ["snow and ice", "snow"],
+                   CLOUDS: ["clouds", "cloud cover"], RANGE: ["rangeland", "grassland", "shrubland"]}
+RADAR_LOOK = np.array([-0.616, 0.0, 0.788])   # unit vector towards the sensor: 38 deg incidence, looking east
+
+
+def _fractal(rng, n, beta):
+    """Gaussian 1/f^beta noise on an n x n grid, zero mean and unit std (spectral synthesis, cropped from 2n
+    so that it does not wrap around)."""
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(2 * n), np.fft.fftfreq(2 * n), indexing="ij"))
+    f[0, 0] = np.inf
+    field = np.fft.ifft2(np.fft.fft2(rng.standard_normal((2 * n, 2 * n))) * f ** (-beta / 2)).real
+    field = field[n // 2:n // 2 + n, n // 2:n // 2 + n]
+    return ((field - field.mean()) / (field.std() + 1e-12)).astype(np.float32)
+
+
+def _dilate(mask, r):
+    out = mask.copy()
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            out |= np.roll(mask, (dy, dx), axis=(0, 1))
+    return out
+
+
+def _blur(x, r):
+    """Box mean over (2r+1)^2 pixels, edges replicated."""
+    k = 2 * r + 1
+    c = np.pad(x, r, mode="edge").cumsum(0).cumsum(1)
+    c = np.pad(c, ((1, 0), (1, 0)))
+    return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / k ** 2
+
+
+def _climate(lat, rng):
+    """Latitude -> (humidity 0..1, snow line in metres): humid tropics, an arid belt near 25 deg, temperate
+    mid-latitudes, cold poles; with per-sample scatter."""
+    a = abs(lat)
+    humidity = 0.9 - 0.75 * np.exp(-((a - 25) / 9) ** 2) - 0.35 * np.clip((a - 10) / 30, 0, 1) * (a < 55)
+    humidity = float(np.clip(humidity + rng.normal(0, 0.1), 0.02, 1))
+    snowline = float(np.clip(5200 - 85 * max(a - 15, 0) + rng.normal(0, 250), 0, 6000))
+    return humidity, snowline
+
+
+def synth_sample(seed: int, i: int, size: int = 64) -> dict:
+    """One synthetic sample, deterministic in (seed, i): {modality: array as stored in TerraMesh files
+    (channel-last), 'caption': str, 'coords': str, 'label_water': int16 (H, W)}."""
+    rng = np.random.default_rng([seed, i])
+    n = size
+    lat = float(np.round(rng.uniform(-58, 78) * 4) / 4)
+    lon = float(np.round(rng.uniform(-180, 179.75) * 4) / 4)
+    humidity, snowline = _climate(lat, rng)
+
+    # terrain: a fractal DEM; relief from plains to mountains; rivers carve valleys, lakes fill basins
+    terrain = rng.choice(["flat", "rolling", "hilly", "mountainous"], p=[0.35, 0.25, 0.25, 0.15])
+    relief = {"flat": (1, 5), "rolling": (5, 20), "hilly": (20, 60), "mountainous": (60, 200)}[terrain]
+    base = {"flat": (0, 400), "rolling": (50, 900), "hilly": (200, 1800), "mountainous": (900, 4200)}[terrain]
+    relief = rng.uniform(*relief) * (n / 64) ** 0.8                               # std in metres per tile
+    dem = rng.uniform(*base) + relief * _fractal(rng, n, rng.uniform(3.4, 3.8))
+    river = np.zeros((n, n), bool)
+    if rng.random() < 0.25 + 0.4 * humidity:
+        course = _fractal(rng, n, 4.0)                    # a river follows the zero line of a smooth field
+        gy, gx = np.gradient(course)
+        distance = np.abs(course) / (np.hypot(gx, gy) + 1e-6)                      # in pixels
+        width = rng.uniform(0.6, 1.5) * (1 + humidity)
+        dem -= rng.uniform(3, 20) * np.exp(-(distance / (6 * width)) ** 2)        # the valley
+        river = distance < width
+    lake = dem < np.quantile(dem, rng.uniform(0, 0.3) * humidity ** 1.5) if rng.random() < humidity else \
+        np.zeros((n, n), bool)
+    water = river | lake
+    gy, gx = np.gradient(dem, 10.0)                                                # 10 m pixels
+    slope = np.degrees(np.arctan(np.hypot(gx, gy)))
+    normal = np.stack([-gx, -gy, np.ones_like(dem)]) / np.sqrt(gx ** 2 + gy ** 2 + 1)
+    hillshade = np.clip(np.tensordot(np.array([0.5, -0.5, 0.707]) / 1.0, normal, 1), 0, None)
+
+    # land cover from climate, elevation, slope and noise; clouds on top
+    patches, edges, texture = _fractal(rng, n, 3.0), _fractal(rng, n, 2.6), _fractal(rng, n, 1.6)
+    cold = np.clip((dem - snowline + 900) / 900, 0, 1)                            # 0 below treeline
+    lulc = np.full((n, n), RANGE, np.uint8)
+    trees = humidity - 0.45 + 0.35 * patches + 0.1 * edges + 0.004 * slope - 0.8 * cold > 0
+    lulc[trees] = TREES
+    lulc[(0.35 - humidity) * 2 + 0.4 * edges + 1.2 * cold + 0.02 * (slope - 25) > 0.35] = BARE
+    if humidity > 0.25 and rng.random() < 0.8 and snowline > 1500:                 # fields on flat ground
+        k = int(rng.integers(6, 14))
+        parcels = rng.random(((n + k - 1) // k, (n + k - 1) // k)) < rng.uniform(0.3, 0.9)
+        fields = np.kron(parcels, np.ones((k, k), bool))[:n, :n]
+        lulc[fields & (_blur(slope, 3) < 12) & (cold == 0)] = CROPS
+    if rng.random() < 0.5 and terrain != "mountainous":                            # small settlements
+        yy, xx = np.mgrid[:n, :n]
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx, r = rng.integers(0, n), rng.integers(0, n), rng.uniform(2, n / 8)
+            lulc[np.hypot(yy - cy, xx - cx) + 2 * edges < r] = BUILT
+    lulc[_dilate(water, 1 + int(3 * humidity)) & (slope < 8) & (humidity > 0.5) & (patches > -0.5)] = FLOODED
+    lulc[dem + 150 * edges > snowline] = SNOW
+    lulc[water] = WATER
+    ground = lulc.copy()
+    cover = rng.choice([0, rng.uniform(0.05, 0.6)], p=[0.6, 0.4])
+    opacity = np.clip((_fractal(rng, n, 2.8) - np.quantile(_fractal(rng, 8, 2), 1 - cover)) * 2, 0, 1) \
+        if cover else np.zeros((n, n), np.float32)
+    lulc[opacity > 0.5] = CLOUDS
+
+    # optical: class spectra x illumination x texture, per-field phenology, clouds blended in
+    refl = SIGNATURES[ground].copy()                                               # (H, W, 12)
+    if (ground == CROPS).any():
+        k = max(n // 8, 1)
+        green = np.kron(rng.uniform(0.5, 1.25, ((n + k - 1) // k,) * 2), np.ones((k, k)))[:n, :n]
+        crop = ground == CROPS
+        refl[crop, 4:10] *= green[crop, None]
+        refl[crop, :4] /= green[crop, None] ** 0.5
+    light = np.where(water, 1.0, 0.45 + 0.75 * hillshade)
+    refl *= (light * (1 + 0.06 * texture) * rng.uniform(0.9, 1.1))[..., None]
+    refl = refl * (1 - opacity[..., None]) + SIGNATURES[CLOUDS] * opacity[..., None]
+    refl += rng.normal(0, 25, refl.shape)
+    refl = np.clip(refl, 1, 15000)
+    aerosol = rng.uniform(0.4, 1.6)
+    l1c = np.insert(refl, 10, 15 + 2500 * opacity ** 2 * rng.uniform(0, 1), axis=-1)  # B10 cirrus
+    l1c = l1c * TRANSMITTANCE + aerosol * PATH_RADIANCE + rng.normal(0, 20, l1c.shape)
+    red, nir = refl[..., 3], refl[..., 7]
+
+    # radar: class gamma0, terrain geometry (GRD keeps it, RTC flattens it), shared multiplicative speckle
+    gamma0 = 10 ** ((BACKSCATTER[ground] + 1.5 * texture[..., None]) / 10)        # (H, W, 2) linear
+    if (ground == CROPS).any():
+        gamma0[ground == CROPS] *= green[ground == CROPS, None] ** 1.5
+    cos_local = np.clip(np.tensordot(RADAR_LOOK, normal, 1), 0.05, 1)
+    geometry = np.sqrt(1 - cos_local ** 2).clip(0.1) ** -1 * np.sin(np.radians(38)) * np.cos(np.radians(38))
+    speckle = rng.gamma(4.4, 1 / 4.4, (n, n, 2))
+    rtc = 10 * np.log10(gamma0 * speckle * geometry[..., None] ** 0.1)
+    grd = 10 * np.log10(gamma0 * speckle * geometry[..., None])
+
+    caption = _caption(rng, ground, lulc, terrain, river.any(), lake.any(), opacity.mean())
+    return {"S2L1C": np.clip(l1c, 0, 32767).astype(np.int16), "S2L2A": refl.astype(np.int16),
+            "S2RGB": np.clip(refl[..., [3, 2, 1]] * 255 / 2000, 0, 255).astype(np.uint8),  # = real S2RGB/L2A
+            "S1GRD": grd.astype(np.float32), "S1RTC": rtc.astype(np.float32),
+            "DEM": np.round(dem).astype(np.int16), "LULC": lulc,
+            "NDVI": ((nir - red) / (nir + red)).astype(np.float32),                # as TerraMesh computes it
+            "caption": caption, "coords": format_coords(lon, lat),
+            "label_water": water.astype(np.int16)}
+
+
+def _caption(rng, ground, lulc, terrain, river, lake, cloudiness) -> str:
+    share = np.bincount(lulc.ravel(), minlength=10) / lulc.size
+    order = [c for c in np.argsort(-share) if share[c] > 0.04 and c != NO_DATA]
+    phrase = [str(rng.choice(CAPTION_PHRASES[c])) for c in order]
+    relief = {"flat": ["flat", "low-lying", "level"], "rolling": ["gently rolling", "undulating"],
+              "hilly": ["hilly", "rugged"], "mountainous": ["mountainous", "steep alpine"]}[terrain]
+    relief = str(rng.choice(relief))
+    rest = phrase[1:3]
+    mix = f" with {' and '.join(rest)}" if rest else ""
+    templates = [f"A {relief} landscape dominated by {phrase[0]}{mix}.",
+                 f"Satellite view of {phrase[0]}{mix} in {relief} terrain.",
+                 f"Mostly {phrase[0]}{mix}; the terrain is {relief}.",
+                 f"{phrase[0].capitalize()} covers most of this {relief} area{mix}."]
+    text = str(rng.choice(templates))
+    if river:
+        text += str(rng.choice([" A river crosses the scene.", " A river winds through the valley."]))
+    if lake:
+        text += str(rng.choice([" Water fills a low basin.", " There is a lake."]))
+    if cloudiness > 0.1 and order[0] != CLOUDS:
+        text += " Partly cloudy."
+    return text
+
+
+def synthesize(out, n=2000, size=64, seed=0, workers=None):
+    """Writes n synthetic samples in the TerraMesh layout under `out`, plus splits/{train,val,test}.txt
+    (80/10/10) and the water-mapping labels in `label_water/`. Deterministic in (seed, sample index)."""
+    out = Path(out)
+    for m in list(MODALITIES) + ["label_water", "splits"]:
+        (out / m).mkdir(parents=True, exist_ok=True)
+    jobs = [(seed, i, size, str(out)) for i in range(n)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            list(tqdm(pool.imap_unordered(_write_sample, jobs, chunksize=16), total=n, desc="synth"))
+    else:
+        list(tqdm(map(_write_sample, jobs), total=n, desc="synth"))
+    ids = np.random.default_rng(seed).permutation([f"{i:05d}" for i in range(n)])
+    cut = [int(0.8 * n), int(0.9 * n)]
+    for name, part in zip(("train", "val", "test"), np.split(ids, cut)):
+        _write_text(out / "splits" / f"{name}.txt", "\n".join(sorted(part)) + "\n")
+
+
+def _write_sample(job):
+    seed, i, size, out = job
+    sid = f"{i:05d}"
+    for m, x in synth_sample(seed, i, size).items():
+        if isinstance(x, str):
+            _write_text(Path(out) / m / f"{sid}.txt", x + "\n")
+        else:
+            tifffile.imwrite(Path(out) / m / f"{sid}.tif", x, **_TIFF_LAYOUT[x.ndim])
+
+
+def _write_text(path, text):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Pictures: modality -> RGB, a PNG encoder, labelled sheets
+
+def render(name: str, x, standardized: bool = False) -> np.ndarray:
+    """Any modality as uint8 RGB (H, W, 3): true colour for S2, VV/VH/VV-VH false colour for S1, terrain
+    colours for DEM, the ESRI palette for LULC (class map or (10, H, W) logits), a brown-green ramp for
+    NDVI. `x` is (C, H, W) or (H, W) in physical units, or standardized ones if `standardized`."""
+    x = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if name == "LULC" or name.startswith("label"):
+        if x.ndim == 3 and x.shape[0] > 1:
+            x = x.argmax(0)                                                    # logits -> classes
+        x = np.asarray(x).reshape(x.shape[-2:]).astype(np.int64)
+        palette = LULC_COLORS if name == "LULC" else np.array([[0, 0, 0], [65, 155, 223]], np.uint8)
+        return np.where((x >= 0)[..., None], palette[np.clip(x, 0, len(palette) - 1)], 255).astype(np.uint8)
+    if x.ndim == 2:
+        x = x[None]
+    if standardized:
+        x = destandardize(name, x)
+    x = np.nan_to_num(x.astype(np.float32))
+    if name in ("S2L2A", "S2L1C"):
+        b = [MODALITIES[name].bands.index(c) for c in ("RED", "GREEN", "BLUE")]
+        return (np.clip(x[b] / 3000, 0, 1) ** 0.8 * 255).transpose(1, 2, 0).astype(np.uint8)
+    if name == "S2RGB":
+        return np.clip(x, 0, 255).transpose(1, 2, 0).astype(np.uint8)
+    if name in ("S1GRD", "S1RTC"):
+        vv, vh = x[0], x[1]
+        rgb = [(vv + 25) / 25, (vh + 32) / 25, (vv - vh) / 15]                   # common S1 false colour
+        return (np.clip(np.stack(rgb, -1), 0, 1) * 255).astype(np.uint8)
+    if name == "DEM":
+        z = x[0]
+        t = (z - z.min()) / max(float(z.max() - z.min()), 1.0)                   # stretched per tile
+        stops = [(0, (70, 120, 60)), (0.4, (190, 185, 100)), (0.75, (150, 105, 70)), (1, (250, 250, 250))]
+        gy, gx = np.gradient(z, 10.0)
+        shade = np.clip(0.75 + 0.5 * (gx - gy) / (np.hypot(gx, gy).max() + 1e-6), 0.4, 1.15)
+        return np.clip(_ramp(t, stops) * shade[..., None], 0, 255).astype(np.uint8)
+    if name == "NDVI":
+        stops = [(-1, (30, 60, 140)), (0, (150, 110, 70)), (0.3, (230, 220, 140)), (0.6, (110, 180, 60)),
+                 (1, (0, 90, 20))]
+        return _ramp(np.clip(x[0], -1, 1), stops).astype(np.uint8)
+    raise ValueError(f"cannot render modality {name!r}")
+
+
+def _ramp(t, stops):
+    pos = np.array([s[0] for s in stops], np.float32)
+    cols = np.array([s[1] for s in stops], np.float32)
+    return np.stack([np.interp(t, pos, cols[:, c]) for c in range(3)], -1)
+
+
+def save_png(path, rgb: np.ndarray):
+    """Writes uint8 (H, W, 3) or (H, W) as PNG: signature, IHDR, zlib-compressed IDAT, IEND (RFC 2083)."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w = rgb.shape[:2]
+    color = 2 if rgb.ndim == 3 else 0
+    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, -1)], 1)   # filter byte 0 per row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+
+
+# a 3x5 pixel font for titles: each glyph is five rows of three bits
+_FONT = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:/=()%_,+|<> ", """
+010101111101101 110101110101110 011100100100011 110101101101110 111100110100111 111100110100100
+011100101101011 101101111101101 111010010010111 001001001101010 101101110101101 100100100100111
+101111111101101 110101101101101 010101101101010 110101110100100 010101101110011 110101110101101
+011100010001110 111010010010010 101101101101111 101101101101010 101101111111101 101101010101101
+101101010010010 111001010100111 111101101101111 010110010010111 110001010100111 110001010001110
+101101111001001 111100110001110 011100111101111 111001010010010 111101111101111 111101111001110
+000000111000000 000000000000010 000010000010000 001001010100100 000111000111000 001010010010001
+100010010010100 101001010100101 000000000000111 000000000010100 000010111010000 010010010010010
+001010100010001 100010001010100 000000000000000""".split()))
+
+
+def _draw_text(img, text, y, x, scale=2, color=(0, 0, 0)):
+    for ch in text.upper():
+        bits = _FONT.get(ch, _FONT[" "])
+        glyph = np.array([int(b) for b in bits], bool).reshape(5, 3).repeat(scale, 0).repeat(scale, 1)
+        h, w = img.shape[0] - y, img.shape[1] - x
+        if h <= 0 or w <= 0:
+            return
+        img[y:y + 5 * scale, x:x + 3 * scale][glyph[:h, :w]] = color
+        x += 4 * scale
+
+
+def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None, min_size=128):
+    """Lays (title, rgb) panels out in a grid with their titles above them, optional text lines below,
+    and writes a PNG. Small panels are enlarged (nearest) to at least `min_size` pixels."""
+    columns = columns or len(panels)
+    size = max(max(p.shape[0], p.shape[1]) for _, p in panels)
+    zoom = max(1, -(-min_size // size))
+    cell, pad, title = size * zoom, 8, 16
+    rows = -(-len(panels) // columns)
+    text_h = 14 * len(lines or [])
+    img = np.full((rows * (cell + title + pad) + pad + text_h, columns * (cell + pad) + pad, 3), 255, np.uint8)
+    for k, (name, rgb) in enumerate(panels):
+        r, c = divmod(k, columns)
+        y, x = pad + r * (cell + title + pad), pad + c * (cell + pad)
+        _draw_text(img, str(name), y, x)
+        big = rgb.repeat(zoom, 0).repeat(zoom, 1)
+        img[y + title:y + title + big.shape[0], x:x + big.shape[1]] = big
+    for k, line in enumerate(lines or []):
+        _draw_text(img, str(line), img.shape[0] - text_h + 14 * k, pad)
+    save_png(path, img)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Commands
+
+def dataset_stats(root, limit=None) -> dict:
+    """Per-band mean and std of every image modality under `root` in physical units (NaN ignored), with the
+    number of files read: {modality: (mean, std, files)}."""
+    out = {}
+    for m in IMAGE_MODALITIES:
+        folder = Path(root) / m
+        files = sorted(folder.glob("*.tif"))[:limit] if folder.is_dir() else []
+        if not files or m == "LULC":
+            continue
+        c = MODALITIES[m].channels
+        total, square, count = np.zeros(c), np.zeros(c), np.zeros(c)
+        for f in tqdm(files, desc=m, leave=False):
+            x, _ = read_tiff(f)
+            x = to_channels_first(x, c, f).reshape(c, -1).astype(np.float64)
+            ok = ~np.isnan(x)
+            x = np.where(ok, x, 0)
+            total, square, count = total + x.sum(1), square + (x ** 2).sum(1), count + ok.sum(1)
+        mean = total / count
+        out[m] = (mean, np.sqrt(np.maximum(square / count - mean ** 2, 0)), len(files))
+    return out
+
+
+def _print_stats(root, limit):
+    print(f"{'modality':8s} {'band':16s} {'mean':>10s} {'std':>10s} | {'official mean':>13s} "
+          f"{'official std':>12s} | {'(mean-off)/std':>14s}")
+    for m, (mean, std, n) in dataset_stats(root, limit).items():
+        mod = MODALITIES[m]
+        for b in range(mod.channels):
+            z = (mean[b] - mod.mean[b]) / mod.std[b]
+            print(f"{m:8s} {mod.bands[b]:16s} {mean[b]:10.3f} {std[b]:10.3f} | {mod.mean[b]:13.3f} "
+                  f"{mod.std[b]:12.3f} | {z:+14.2f}")
+        print(f"{'':8s} ({n} files)")
+
+
+def _show(root, sid, out):
+    root = Path(root)
+    panels, lines = [], []
+    folders = [m for m in MODALITIES if (root / m).is_dir()] + sorted(
+        p.name for p in root.glob("label*") if p.is_dir())
+    for m in folders:
+        mod = MODALITIES.get(m)
+        path = root / m / f"{sid}.{'txt' if mod and mod.kind == 'sequence' else 'tif'}"
+        if not path.exists():
+            continue
+        if mod and mod.kind == "sequence":
+            lines.append(f"{m}: {path.read_text(encoding='utf-8').strip()}")
+            continue
+        x, _ = read_tiff(path)
+        panels.append((m, render(m, to_channels_first(x, mod.channels if mod else 1, path))))
+    if not panels and not lines:
+        raise FileNotFoundError(f"{root}: no sample with id {sid!r}")
+    wrapped = []
+    for line in lines:
+        while len(line) > 110:
+            cut = line.rfind(" ", 0, 110)
+            cut = cut if cut > 0 else 110
+            wrapped.append(line[:cut])
+            line = "  " + line[cut:].lstrip()
+        wrapped.append(line)
+    save_sheet(out, panels, lines=wrapped)
+    print(f"wrote {out}: {', '.join(p[0] for p in panels)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write a synthetic TerraMesh-like world")
+    p.add_argument("--out", default="data/synth", help="output folder (TerraMesh layout)")
+    p.add_argument("--n", type=int, default=2000, help="number of samples")
+    p.add_argument("--size", type=int, default=64, help="tile size in pixels (10 m each)")
+    p.add_argument("--seed", type=int, default=0, help="world seed; a sample depends only on (seed, index)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    p = sub.add_parser("stats", help="per-band mean/std of a dataset next to the official constants")
+    p.add_argument("--root", required=True, help="TerraMesh-layout folder")
+    p.add_argument("--limit", type=int, default=None, help="read at most this many files per modality")
+    p = sub.add_parser("show", help="draw all modalities of one sample side by side (PNG)")
+    p.add_argument("--root", required=True, help="TerraMesh-layout folder")
+    p.add_argument("--id", required=True, help="sample id (file name without extension)")
+    p.add_argument("--out", default="sample.png", help="output PNG")
+    args = parser.parse_args()
+    if args.command == "synth":
+        t0 = time.time()
+        synthesize(args.out, args.n, args.size, args.seed, args.workers)
+        print(f"wrote {args.n} samples of {args.size}x{args.size} to {args.out} in {time.time() - t0:.1f} s")
+    elif args.command == "stats":
+        _print_stats(args.root, args.limit)
+    else:
+        _show(args.root, args.id, args.out)
+
+
+if __name__ == "__main__":
+    main()
