@@ -198,7 +198,7 @@ def write_geotiff(path, x: np.ndarray, geo: dict | None = None, offset: tuple = 
     The write is atomic: a crash never leaves a half-written file."""
     x = np.asarray(x)
     if x.ndim == 3:
-        x = np.moveaxis(x, 0, -1)                                              # (H, W, C)
+        x = x[0] if x.shape[0] == 1 else np.moveaxis(x, 0, -1)                # (H, W) or (H, W, C)
     extratags = []
     for code, value in (geo or {}).items():
         value = list(value) if isinstance(value, (tuple, list)) else value
@@ -583,7 +583,7 @@ def _caption(rng, ground, lulc, terrain, river, lake, cloudiness) -> str:
     templates = [f"A {relief} landscape dominated by {phrase[0]}{mix}.",
                  f"Satellite view of {phrase[0]}{mix} in {relief} terrain.",
                  f"Mostly {phrase[0]}{mix}; the terrain is {relief}.",
-                 f"{phrase[0].capitalize()} covers most of this {relief} area{mix}."]
+                 f"This {relief} area is mostly {phrase[0]}{mix}."]
     text = str(rng.choice(templates))
     if river:
         text += str(rng.choice([" A river crosses the scene.", " A river winds through the valley."]))
@@ -718,12 +718,16 @@ def _draw_text(img, text, y, x, scale=2, color=(0, 0, 0)):
         x += 4 * scale
 
 
-def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None, min_size=128):
+def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None, min_size=128,
+               max_size=None):
     """Lays (title, rgb) panels out in a grid with their titles above them, optional text lines below,
-    and writes a PNG. Small panels are enlarged (nearest) to at least `min_size` pixels."""
+    and writes a PNG. Small panels are enlarged (nearest) to at least `min_size` pixels, large ones
+    subsampled to at most `max_size`."""
+    if max_size:
+        panels = [(t, p[::-(-p.shape[0] // max_size), ::-(-p.shape[1] // max_size)]) for t, p in panels]
     columns = columns or len(panels)
     size = max(max(p.shape[0], p.shape[1]) for _, p in panels)
-    zoom = max(1, -(-min_size // size))
+    zoom = max(1, -(-min(min_size, max_size or min_size) // size))
     cell, pad, title = size * zoom, 8, 16
     rows = -(-len(panels) // columns)
     text_h = 14 * len(lines or [])
@@ -776,7 +780,7 @@ def _print_stats(root, limit):
         print(f"{'':8s} ({n} files)")
 
 
-def _show(root, sid, out):
+def _show(root, sid, out, max_size=None):
     root = Path(root)
     panels, lines = [], []
     folders = [m for m in MODALITIES if (root / m).is_dir()] + sorted(
@@ -801,7 +805,7 @@ def _show(root, sid, out):
             wrapped.append(line[:cut])
             line = "  " + line[cut:].lstrip()
         wrapped.append(line)
-    save_sheet(out, panels, lines=wrapped)
+    save_sheet(out, panels, lines=wrapped, max_size=max_size)
     print(f"wrote {out}: {', '.join(p[0] for p in panels)}")
 
 
@@ -822,6 +826,7 @@ def main():
     p.add_argument("--root", required=True, help="TerraMesh-layout folder")
     p.add_argument("--id", required=True, help="sample id (file name without extension)")
     p.add_argument("--out", default="sample.png", help="output PNG")
+    p.add_argument("--max-size", type=int, default=None, help="subsample larger tiles to this many pixels")
     args = parser.parse_args()
     if args.command == "synth":
         t0 = time.time()
@@ -830,7 +835,7 @@ def main():
     elif args.command == "stats":
         _print_stats(args.root, args.limit)
     else:
-        _show(args.root, args.id, args.out)
+        _show(args.root, args.id, args.out, args.max_size)
 
 
 if __name__ == "__main__":
