@@ -1,0 +1,700 @@
+"""
+TerraMind's image tokenizers: FSQ autoencoders that turn each image modality into a grid of discrete tokens
+(one per 16x16 patch, 14x14 for a 224 px tile) and back (paper §3.1; spec §2).
+
+  * `FSQ`: finite scalar quantization as the released weights do it (sigmoid bound, levels 8-8-8-6-5 =
+    15360 codes, LULC 7-5-5-5-5 = 4375).
+  * `ViTEncoder` (16x16 conv patches, fixed 2D sin-cos positions, pre-norm blocks, tanh post-MLP) and a 1x1
+    projection to the 5-d latent; `ViTDecoder` for LULC (class logits, cross-entropy). S2L2A, S1GRD, S1RTC,
+    DEM and NDVI decode by diffusion (`diffusion_decoder.DiffusionDecoder`).
+  * `ImageTokenizer`: `encode(x) -> (B, H/16, W/16)` token ids, `decode(tokens, steps=10, generator=None)
+    -> (B, C, H, W)` standardized (LULC: (B, 10, H, W) logits), `from_checkpoint`, `save_checkpoint`,
+    `from_official(TerraMind_Tokenizer_<MOD>.pt, modality)`; `load_tokenizers(folder)`.
+  * Presets: `official` (architecture of the released v1 tokenizers), `tiny` (64 px, minutes on a CPU),
+    `smoke` (about a minute on 2 CPU cores).
+
+It consumes a TerraMesh-layout folder (terramesh.py) and produces `<out>/tokenizer_<MOD>.safetensors` (weights,
+EMA weights when --ema is set, config in the metadata) plus `<out>/tokenizer_<MOD>.state.safetensors`
+(raw weights and optimizer state for --resume), token shards, and reconstruction pictures with metrics.
+
+Token shards (`tokenize`): `<out>/<MOD>/shard_<k>.safetensors`, written atomically by
+terramesh.save_safetensors, one per `--shard-size` samples in sorted id order; tensor "tokens" int16
+(n, h, w) (ids < 15360 fit), metadata "ids" (the n sample ids in row order), "modality", "vocab_size" and
+"tokenizer" (the checksum of the tokenizer file). A re-run skips shards whose ids and tokenizer match.
+`TokenShards(folder)` reads them back: `shards.get("S2L2A", "00042") -> LongTensor (h, w)`.
+
+    # CPU smoke run (synthetic world, 64 px tiles)
+    python terramesh.py synth --out data/synth --n 2000 --size 64
+    python fsq_tokenizer.py train --modality S2L2A --data data/synth --size smoke --out ckpt/
+    python fsq_tokenizer.py tokenize --data data/synth --tokenizers ckpt/ --out tokens/
+    python fsq_tokenizer.py reconstruct --modality S2L2A --data data/synth --tokenizers ckpt/ --out out/tok
+    # one GPU, official architecture (bf16 autocast, EMA as the official recipe)
+    python fsq_tokenizer.py train --modality DEM --data /data/terramesh --size official --device cuda \\
+        --batch-size 64 --lr 1.4e-4 --ema 0.9999 --steps 200000 --out ckpt/
+    # several GPUs (DDP); --batch-size is per GPU
+    torchrun --standalone --nproc_per_node=8 fsq_tokenizer.py train --modality DEM --data /data/terramesh \\
+        --size official --batch-size 64 --lr 1.4e-4 --ema 0.9999 --steps 200000 --out ckpt/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from tqdm import tqdm
+
+import terramesh
+from diffusion_decoder import DiffusionDecoder
+from terramesh import MODALITIES, TerraMeshDataset, load_safetensors, save_safetensors
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Finite scalar quantization
+
+class FSQ(nn.Module):
+    """Per latent channel i with L_i levels: n_i = round(sigmoid(z_i) * (L_i - 1)) with a straight-through
+    gradient, code n_i / (L_i - 1) in [0, 1], token index sum n_i * basis_i, first channel least significant
+    (spec §2.3). DEVIATION from the FSQ paper (tanh bound, offset for even L): the released weights use the
+    sigmoid, which gives every L exactly L values without an offset. No parameters, no auxiliary loss."""
+
+    def __init__(self, levels):
+        super().__init__()
+        self.vocab_size = math.prod(levels)
+        levels = torch.tensor(levels, dtype=torch.int64)
+        self.register_buffer("levels", levels, persistent=False)
+        self.register_buffer("basis", torch.cumprod(torch.cat([levels.new_ones(1), levels[:-1]]), 0),
+                             persistent=False)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, d, h, w) latent -> codes (B, d, h, w) in [0, 1], indices (B, h, w) int64."""
+        d = (self.levels - 1).view(-1, 1, 1).to(z.dtype)
+        scaled = torch.sigmoid(z) * d
+        n = scaled + (scaled.round() - scaled).detach()                        # round, straight-through
+        return n / d, (n.detach().long() * self.basis.view(-1, 1, 1)).sum(1)
+
+    def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) -> (B, d, h, w)."""
+        n = (indices.long().unsqueeze(1) // self.basis.view(-1, 1, 1)) % self.levels.view(-1, 1, 1)
+        return n / (self.levels - 1).view(-1, 1, 1)
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, d, h, w) codes on the grid -> (B, h, w)."""
+        n = (codes * (self.levels - 1).view(-1, 1, 1)).round().long()
+        return (n * self.basis.view(-1, 1, 1)).sum(1)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# ViT encoder and decoder (official: vit_b_enc / vit_b_dec, spec §2.2 and §2.5)
+
+def sincos_table(n: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed (1, dim, n, n) position table, channels [sin(row), cos(row), sin(col), cos(col)] (MoCo v3)."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    r = torch.arange(n, dtype=torch.float32)[:, None] * omega                 # (n, D/4)
+    rows = torch.cat([r.sin(), r.cos()], 1)[:, None, :].expand(n, n, dim // 2)
+    cols = torch.cat([r.sin(), r.cos()], 1)[None, :, :].expand(n, n, dim // 2)
+    return torch.cat([rows, cols], -1).permute(2, 0, 1)[None].contiguous()      # (1, D, n, n)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act=nn.GELU):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.qkv(x), "b n (s h e) -> s b h n e", s=3, h=self.heads)   # (B, h, N, D/h)
+        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n e -> b n (h e)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, LayerNorm eps 1e-6, GELU MLP x4, no final norm."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Shared trunk: + interpolated sin-cos positions, blocks, residual tanh post-MLP (ViT-VQGAN)."""
+
+    def __init__(self, dim: int, depth: int, heads: int, grid: int):
+        super().__init__()
+        self.register_buffer("pos_emb", sincos_table(grid, dim))   # official: frozen Parameter (1, D, n, n)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.norm_mlp, self.post_mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim, act=nn.Tanh)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                _init_linear(m, qkv="qkv" in name)
+
+    def trunk(self, x: torch.Tensor, post_mlp_fp32: bool) -> torch.Tensor:
+        B, D, h, w = x.shape
+        pos = F.interpolate(self.pos_emb, size=(h, w), mode="bicubic", align_corners=False)
+        x = rearrange(x + pos, "b d h w -> b (h w) d")                           # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        if post_mlp_fp32:   # official encoder: post-MLP in float32 with autocast off
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.float() + self.post_mlp(self.norm_mlp(x.float()))
+        else:
+            x = x + self.post_mlp(self.norm_mlp(x))
+        return rearrange(x, "b (h w) d -> b d h w", h=h)                          # (B, D, h, w)
+
+
+def _init_linear(m: nn.Linear, qkv: bool = False):
+    """Official ViT init: xavier-uniform, the qkv bound computed per q/k/v part, zero bias. (The patch
+    convolution keeps PyTorch's default init, as in the official code.)"""
+    fan_out = m.weight.shape[0] // 3 if qkv else m.weight.shape[0]
+    bound = math.sqrt(6.0 / (fan_out + m.weight.shape[1]))
+    nn.init.uniform_(m.weight, -bound, bound)
+    nn.init.zeros_(m.bias)
+
+
+class ViTEncoder(ViT):
+    def __init__(self, in_channels: int, dim: int, depth: int, heads: int, grid: int, patch: int = 16):
+        super().__init__(dim, depth, heads, grid)
+        self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
+
+    def forward(self, x):
+        """(B, C, H, W) -> (B, D, H/16, W/16)."""
+        return self.trunk(self.proj(x), post_mlp_fp32=True)
+
+
+class ViTDecoder(ViT):
+    def __init__(self, out_channels: int, dim: int, depth: int, heads: int, grid: int, patch: int = 16):
+        super().__init__(dim, depth, heads, grid)
+        self.patch = patch
+        self.out_proj = nn.Linear(dim, out_channels * patch * patch)
+        _init_linear(self.out_proj)
+
+    def forward(self, x):
+        """(B, D, h, w) -> (B, C, 16 h, 16 w)."""
+        x = self.out_proj(rearrange(self.trunk(x, post_mlp_fp32=False), "b d h w -> b h w d"))
+        return rearrange(x, "b h w (c p q) -> b c (h p) (w q)", p=self.patch, q=self.patch)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+@dataclass
+class TokenizerConfig:
+    modality: str = "S2L2A"          # channels, FSQ levels and decoder type come from terramesh.MODALITIES
+    image_size: int = 256            # size the position tables are built for (official 256; any multiple of 16 runs)
+    enc_dim: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_dim: int = 768               # ViT decoder (LULC)
+    dec_depth: int = 12
+    dec_heads: int = 12
+    unet_channels: int = 256         # diffusion decoder
+    unet_mult: tuple = (1, 2, 2, 2)
+    unet_blocks: int = 3
+    unet_attn: tuple = (4, 8)        # downsampling rates with self-attention
+    latent_dim: int = 5
+
+    @property
+    def spec(self):
+        return terramesh.modality(self.modality)
+
+    @staticmethod
+    def preset(size: str, modality: str) -> "TokenizerConfig":
+        if size not in PRESETS:
+            raise ValueError(f"unknown tokenizer size {size!r}; presets: {', '.join(PRESETS)}")
+        m = terramesh.modality(modality)
+        if m.fsq_levels is None:
+            raise ValueError(f"{modality} has no image tokenizer; tokenized images: {terramesh.TOKENIZED_IMAGES}")
+        return replace(PRESETS[size], modality=modality)
+
+
+PRESETS = {
+    "official": TokenizerConfig(),                                      # ViT-B + UNet 256 x (1,2,2,2), spec §2
+    "tiny": TokenizerConfig(image_size=64, enc_dim=128, enc_depth=2, enc_heads=4, dec_dim=128, dec_depth=2,
+                            dec_heads=4, unet_channels=32, unet_mult=(1, 2, 2), unet_blocks=1, unet_attn=(4,)),
+    "smoke": TokenizerConfig(image_size=64, enc_dim=64, enc_depth=1, enc_heads=2, dec_dim=64, dec_depth=1,
+                             dec_heads=2, unet_channels=32, unet_mult=(1, 2), unet_blocks=1, unet_attn=()),
+}
+
+
+class ImageTokenizer(nn.Module):
+    """Encoder -> 1x1 quant_proj -> FSQ -> decoder. Parameter names match the official DiVAE / VQVAE."""
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg, m = cfg, cfg.spec
+        self.modality, self.channels = m.name, m.channels if m.name != "LULC" else len(terramesh.LULC_CLASSES)
+        grid = cfg.image_size // 16
+        self.encoder = ViTEncoder(self.channels, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads, grid)
+        self.quant_proj = nn.Conv2d(cfg.enc_dim, cfg.latent_dim, 1)
+        self.quantize = FSQ(m.fsq_levels)
+        if m.decoder == "diffusion":
+            self.decoder = DiffusionDecoder(self.channels, cfg.latent_dim, cfg.unet_channels, cfg.unet_mult,
+                                            cfg.unet_blocks, cfg.unet_attn)
+        else:   # official VQVAE: post_quant_proj to the decoder width, then the ViT decoder
+            self.decoder = ViTDecoder(self.channels, cfg.dec_dim, cfg.dec_depth, cfg.dec_heads, grid)
+            self.post_quant_proj = nn.Conv2d(cfg.latent_dim, cfg.dec_dim, 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantize.vocab_size
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """LULC class maps (B, H, W) -> one-hot (B, 10, H, W) float (official: one-hot inside the encoder)."""
+        if self.modality == "LULC" and x.dim() == 3:
+            if x.min() < 0 or x.max() >= self.channels:
+                raise ValueError(f"LULC classes must lie in 0..{self.channels - 1}, got {x.min()}..{x.max()}")
+            x = F.one_hot(x.long(), self.channels).permute(0, 3, 1, 2)
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"{self.modality} tokenizer expects (B, {self.channels}, H, W) with H, W multiples "
+                             f"of 16{' or a (B, H, W) class map' if self.modality == 'LULC' else ''}, "
+                             f"got {tuple(x.shape)}")
+        return x.float()
+
+    def encode_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x standardized (B, C, H, W) -> codes (B, 5, H/16, W/16), token ids (B, H/16, W/16)."""
+        return self.quantize(self.quant_proj(self.encoder(self.prepare_input(x))))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x standardized (B, C, H, W) (LULC: (B, H, W) class map) -> token ids (B, H/16, W/16) int64."""
+        return self.encode_codes(x)[1]
+
+    def decode_codes(self, codes, steps=10, generator=None, noise=None, clip=1.0) -> torch.Tensor:
+        """codes (B, 5, h, w) -> (B, C, 16 h, 16 w) standardized image, or (B, 10, 16 h, 16 w) LULC logits."""
+        if isinstance(self.decoder, ViTDecoder):
+            return self.decoder(self.post_quant_proj(codes))
+        size = (codes.shape[-2] * 16, codes.shape[-1] * 16)
+        return self.decoder.sample(codes, size, steps, generator=generator, noise=noise, clip=clip)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, steps: int = 10, generator=None, noise=None, clip=1.0):
+        """tokens (B, h, w) -> (B, C, 16 h, 16 w) standardized (LULC: class logits (B, 10, 16 h, 16 w)).
+        Diffusion decoders run `steps` DDIM steps from `noise` or from torch.randn(generator=generator), every
+        predicted x0 clipped to [-clip, clip] (official 1.0; None: unbounded). LULC ignores these arguments."""
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, got {tokens.min()}..{tokens.max()}")
+        return self.decode_codes(self.quantize.indices_to_codes(tokens), steps, generator, noise, clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch: x0-prediction MSE (diffusion) or cross-entropy on the classes (LULC)."""
+        codes, _ = self.encode_codes(x)
+        if isinstance(self.decoder, ViTDecoder):
+            return F.cross_entropy(self.decoder(self.post_quant_proj(codes)).float(), x.long())
+        return self.decoder.loss(x.float(), codes)
+
+    # checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self, path, **meta):
+        save_safetensors(path, self.state_dict(), {"config": asdict(self.cfg), "kind": "tokenizer", **meta})
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "ImageTokenizer":
+        tensors, meta = load_safetensors(path)
+        if meta.get("kind") != "tokenizer" or "config" not in meta:
+            raise ValueError(f"{path}: not a tokenizer checkpoint (kind {meta.get('kind')!r})")
+        cfg = TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        model = cls(cfg)
+        model.load_state_dict(tensors, strict=True)
+        return model.to(device).eval()
+
+    @classmethod
+    def from_official(cls, path, modality: str, device="cpu") -> "ImageTokenizer":
+        """Loads an official TerraMind_Tokenizer_<MOD>.pt state dict strictly: every key used, none missing."""
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(TokenizerConfig.preset("official", modality))
+        load_state_strict(model, sd.get("model", sd), path)
+        return model.to(device).eval()
+
+
+def load_state_strict(model: nn.Module, sd: dict, source):
+    """load_state_dict(strict=True) with an error that names the file and the offending keys."""
+    ours = model.state_dict()
+    missing, extra = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    bad = sorted(k for k in set(ours) & set(sd) if tuple(ours[k].shape) != tuple(sd[k].shape))
+    if missing or extra or bad:
+        raise ValueError(f"{source}: does not fit the {model.cfg.modality} tokenizer: missing {missing[:4]} "
+                         f"({len(missing)}), unexpected {extra[:4]} ({len(extra)}), wrong shape {bad[:4]}")
+    model.load_state_dict(sd, strict=True)
+
+
+def tokenizer_path(folder, modality: str) -> Path:
+    return Path(folder) / f"tokenizer_{modality}.safetensors"
+
+
+def load_tokenizers(folder, modalities=None, device="cpu") -> dict[str, ImageTokenizer]:
+    """{modality: ImageTokenizer} for every tokenizer_<MOD>.safetensors in `folder` (or exactly `modalities`)."""
+    names = modalities or [m for m in terramesh.TOKENIZED_IMAGES if tokenizer_path(folder, m).exists()]
+    missing = [m for m in names if not tokenizer_path(folder, m).exists()]
+    if missing or not names:
+        raise FileNotFoundError(f"{folder}: no tokenizer checkpoint for {missing or 'any modality'} "
+                                f"(expected tokenizer_<MOD>.safetensors; train with `fsq_tokenizer.py train`)")
+    return {m: ImageTokenizer.from_checkpoint(tokenizer_path(folder, m), device) for m in names}
+
+
+def fingerprint(path) -> str:
+    """The checksum stored in a checkpoint's header: identifies the weights without reading them."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("crc32", "")
+
+
+class TokenShards:
+    """Token shards written by `tokenize` (format in the module docstring), held in memory as int16."""
+
+    def __init__(self, folder, modalities=None):
+        self.folder, self.tokens, self.rows = Path(folder), {}, {}
+        found = sorted(p.name for p in self.folder.iterdir() if p.is_dir()) if self.folder.is_dir() else []
+        for m in modalities or found:
+            files = sorted((self.folder / m).glob("shard_*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{self.folder / m}: no token shards (run `fsq_tokenizer.py tokenize`)")
+            parts, ids = [], []
+            for f in files:
+                tensors, meta = load_safetensors(f)
+                if len(meta.get("ids", [])) != len(tensors["tokens"]):
+                    raise ValueError(f"{f}: {len(tensors['tokens'])} token rows but {len(meta.get('ids', []))} ids")
+                parts.append(tensors["tokens"])
+                ids += meta["ids"]
+            self.tokens[m] = torch.cat(parts)                                   # (n, h, w) int16
+            self.rows[m] = {sid: i for i, sid in enumerate(ids)}
+        self.modalities = list(self.tokens)
+        self.ids = sorted(set().union(*self.rows.values())) if self.rows else []
+
+    def has(self, modality: str, sample_id: str) -> bool:
+        return sample_id in self.rows.get(modality, {})
+
+    def get(self, modality: str, sample_id: str) -> torch.Tensor:
+        """-> LongTensor (h, w) of token ids."""
+        if not self.has(modality, sample_id):
+            raise KeyError(f"{self.folder}: no {modality} tokens for sample {sample_id!r}")
+        return self.tokens[modality][self.rows[modality][sample_id]].long()
+
+    def __getitem__(self, key):
+        return self.get(*key)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Metrics (paper Table 10): MAE, RMSE, SSIM, PSNR in physical units; codebook usage
+
+def physical(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Standardized -> physical units: reflectance (S2), dB (S1), metres (DEM), NDVI."""
+    x = terramesh.destandardize(name, x.double())
+    return x / 1e4 if name.startswith("S2") else x
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor) -> torch.Tensor:
+    """SSIM per (sample, band) with an 11x11 Gaussian window, sigma 1.5 (Wang et al. 2004); (B, C, H, W)."""
+    g = torch.exp(-(torch.arange(11, dtype=x.dtype) - 5) ** 2 / (2 * 1.5 ** 2))
+    w = (g[:, None] * g[None]) / g.sum() ** 2
+    C = x.shape[1]
+    w = w.expand(C, 1, 11, 11)
+    mu = lambda t: F.conv2d(t, w, groups=C)                                       # noqa: E731
+    c1, c2 = (0.01 * data_range.view(1, -1, 1, 1)) ** 2, (0.03 * data_range.view(1, -1, 1, 1)) ** 2
+    mx, my = mu(x), mu(y)
+    vx, vy, cxy = mu(x * x) - mx ** 2, mu(y * y) - my ** 2, mu(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean((-2, -1))                                                       # (B, C)
+
+
+def reconstruction_metrics(name: str, target: torch.Tensor, recon: torch.Tensor, data_range=None) -> dict:
+    """target, recon standardized (B, C, H, W) (LULC: class map (B, H, W) and logits (B, 10, H, W)).
+    PSNR and SSIM use `data_range` per band (default: the target's max - min over the whole set)."""
+    if name == "LULC":
+        pred = recon.argmax(1)
+        ious = [((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
+                for c in range(recon.shape[1]) if ((pred == c) | (target == c)).any()]
+        return {"acc": float((pred == target).double().mean()), "mIoU": float(torch.stack(ious).mean())}
+    x, y = physical(name, target), physical(name, recon)
+    rng = data_range if data_range is not None else (x.amax((0, 2, 3)) - x.amin((0, 2, 3))).clamp_min(1e-12)
+    mse = ((x - y) ** 2).mean((2, 3))                                             # (B, C)
+    return {"MAE": float((x - y).abs().mean()), "RMSE": float(mse.mean().sqrt()),
+            "SSIM": float(ssim(x, y, rng).mean()),
+            "PSNR": float((10 * torch.log10(rng ** 2 / mse.clamp_min(1e-20))).mean())}
+
+
+def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict:
+    """Share of the codebook used and perplexity exp(H) of the token histogram."""
+    p = torch.bincount(tokens.flatten(), minlength=vocab_size).double()
+    p = p[p > 0] / p.sum()
+    return {"used": float(len(p) / vocab_size), "perplexity": float(torch.exp(-(p * p.log()).sum()))}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training
+
+# default run settings per preset (flags override); official recipe: spec §2.6 (lr 1.4e-4 at batch 2048)
+TRAIN_DEFAULTS = {"official": dict(steps=200_000, batch_size=32, lr=1.4e-4),
+                  "tiny": dict(steps=2000, batch_size=32, lr=2e-3),
+                  "smoke": dict(steps=250, batch_size=32, lr=3e-3)}
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float, warmup_lr: float = 1e-6) -> float:
+    """Linear warmup from warmup_lr, then cosine to 0 (official: warmup_lr 1e-6, min_lr 0)."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _split(root, name):
+    return name if (Path(root) / "splits" / f"{name}.txt").exists() else None
+
+
+def train(args):
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank = int(os.environ.get("RANK", 0))
+    if ddp:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+    else:
+        device = args.device
+    defaults = TRAIN_DEFAULTS[args.size]
+    steps, batch, lr = args.steps or defaults["steps"], args.batch_size or defaults["batch_size"], args.lr or defaults["lr"]
+    torch.manual_seed(args.seed + rank)
+    cfg = TokenizerConfig.preset(args.size, args.modality)
+    ds = TerraMeshDataset(args.data, [args.modality], size=args.crop, crop="random", seed=args.seed,
+                          split=_split(args.data, "train"))
+    ds.ids = [i for k, i in enumerate(ds.ids) if args.modality in ds.available(k)]
+    if len(ds) < batch:
+        raise ValueError(f"{args.data}: only {len(ds)} {args.modality} training samples, batch size is {batch}")
+    sampler = torch.utils.data.DistributedSampler(ds, seed=args.seed) if ddp else torch.utils.data.RandomSampler(
+        ds, generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(ds, batch, sampler=sampler, drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0)
+    model = ImageTokenizer(cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]          # no weight decay on biases, norms
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.99), eps=1e-8)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.ema else None
+    out, state_path = Path(args.out), Path(args.out) / f"tokenizer_{args.modality}.state.safetensors"
+    step = 0
+    if args.resume and state_path.exists():
+        tensors, meta = load_safetensors(state_path, device)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or ema
+        opt_state = opt.state_dict()
+        opt_state["state"] = {int(i): {k.split(".", 2)[2]: v.reshape(()) if k.endswith(".step") else v
+                                       for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+                              for i in meta["opt_params"]}
+        opt.load_state_dict(opt_state)
+        step = meta["step"]
+        if rank == 0:
+            print(f"resumed {state_path} at step {step}")
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device]) if ddp else model
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")]
+    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.modality} tokenizer, preset {args.size}: {n_params / 1e6:.2f}M parameters, {len(ds)} "
+              f"training samples, {steps} steps of batch {batch}, lr {lr:.1e}, device {device}")
+
+    def save():
+        if rank != 0:
+            return
+        sd = model.state_dict()
+        tensors = {f"model.{k}": v for k, v in sd.items()}
+        tensors.update({f"ema.{k}": v for k, v in (ema or {}).items()})
+        opt_state = opt.state_dict()["state"]
+        # 0-d tensors (AdamW's step) are stored as (1,): terramesh's checksum cannot view 0-d tensors
+        tensors.update({f"opt.{i}.{k}": v.reshape(-1) if v.dim() == 0 else v
+                        for i, s in opt_state.items() for k, v in s.items()})
+        meta = {"step": step, "opt_params": list(opt_state), "config": asdict(cfg), "args": vars(args)}
+        save_safetensors(state_path, tensors, meta)              # state first: a resume never skips a step
+        export = ImageTokenizer(cfg)
+        export.load_state_dict(ema if ema is not None else sd)
+        export.save_checkpoint(tokenizer_path(out, args.modality), step=step, ema=args.ema)
+
+    epoch, t_log, losses = step * batch // max(1, len(ds)), time.time(), []
+    log_every = max(1, min(100, steps // 20))
+    while step < steps:
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        for sample in loader:
+            x = sample[args.modality].to(device, non_blocking=True)
+            flip = torch.rand(x.shape[0], device=device) < 0.5                   # official: hflip 0.5
+            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, warmup, lr)
+            with torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = net(x)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        ema[k].lerp_(v, 1 - args.ema) if v.is_floating_point() else ema[k].copy_(v)
+            step += 1
+            losses.append(loss.item())
+            if rank == 0 and (step % log_every == 0 or step == steps):
+                dt = (time.time() - t_log) / len(losses)
+                print(f"step {step}/{steps} | loss {np.mean(losses):.4f} | lr {lr_at(step - 1, steps, warmup, lr):.1e} "
+                      f"| {dt * 1e3:.0f} ms | {batch * (ddp and torch.distributed.get_world_size() or 1) / dt:.1f} img/s",
+                      flush=True)
+                t_log, losses = time.time(), []
+            if step % args.save_every == 0 or step == steps:
+                save()
+            if step == steps:
+                break
+        epoch += 1
+    if rank == 0:
+        print(f"wrote {tokenizer_path(out, args.modality)}")
+    if ddp:
+        torch.distributed.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Tokenizing a dataset, reconstructions and metrics
+
+def _batches(ds, idx, batch_size, modality):
+    for i in range(0, len(idx), batch_size):
+        items = [ds[j][modality] for j in idx[i:i + batch_size]]
+        shapes = {tuple(x.shape) for x in items}
+        if len(shapes) > 1:
+            raise ValueError(f"{ds.root}: {modality} tiles differ in size {sorted(shapes)}; tokenize them separately")
+        yield torch.stack(items)
+
+
+@torch.no_grad()
+def tokenize(args):
+    tokenizers = load_tokenizers(args.tokenizers, args.modalities, args.device)
+    for m, tok in tokenizers.items():
+        ds = TerraMeshDataset(args.data, [m], size=None)
+        idx = [k for k in range(len(ds)) if m in ds.available(k)]
+        ids, fp = [ds.ids[k] for k in idx], fingerprint(tokenizer_path(args.tokenizers, m))
+        done = written = 0
+        for s in tqdm(range(0, len(idx), args.shard_size), desc=f"tokenize {m}", unit="shard"):
+            path = Path(args.out) / m / f"shard_{s // args.shard_size:05d}.safetensors"
+            shard_ids = ids[s:s + args.shard_size]
+            if path.exists():
+                try:
+                    meta = load_safetensors(path)[1]
+                    if meta.get("ids") == shard_ids and meta.get("tokenizer") == fp:
+                        done += 1
+                        continue
+                except ValueError:
+                    pass                                    # a corrupted shard is simply written again
+            tokens = torch.cat([tok.encode(x.to(args.device)).cpu() for x in
+                                _batches(ds, idx[s:s + args.shard_size], args.batch_size, m)])
+            save_safetensors(path, {"tokens": tokens.to(torch.int16)},
+                             {"ids": shard_ids, "modality": m, "vocab_size": tok.vocab_size, "tokenizer": fp})
+            written += 1
+        print(f"{m}: {len(ids)} samples -> {Path(args.out) / m} ({written} shards written, {done} already done)")
+
+
+def _mean_baseline(root, m, shape):
+    """'Predict the mean image': the per-band mean of the training split (LULC: its most frequent class)."""
+    ds = TerraMeshDataset(root, [m], size=None, split=_split(root, "train"))
+    xs = torch.stack([ds[k][m] for k in range(min(len(ds), 512)) if m in ds.available(k)])
+    if m == "LULC":
+        return F.one_hot(torch.bincount(xs.flatten(), minlength=10).argmax(), 10).float().view(1, 10, 1, 1).expand(shape)
+    return xs.mean((0, 2, 3)).view(1, -1, 1, 1).expand(shape)
+
+
+@torch.no_grad()
+def reconstruct(args):
+    m, out = args.modality, Path(args.out)
+    tok = load_tokenizers(args.tokenizers, [m], args.device)[m]
+    ds = TerraMeshDataset(args.data, [m], size=None, split=_split(args.data, args.split))
+    idx = [k for k in range(len(ds)) if m in ds.available(k)][:args.n]
+    x = torch.cat(list(_batches(ds, idx, args.batch_size, m)))                   # (B, C, H, W), LULC (B, H, W)
+    tokens = torch.cat([tok.encode(b.to(args.device)).cpu() for b in x.split(args.batch_size)])
+    g = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(len(x), tok.channels, *x.shape[-2:], generator=g)      # the same noise for every bound
+    recons = {}
+    for clip in (args.clip if m != "LULC" else [1.0]):
+        name = "ViT decoder" if m == "LULC" else f"clip {clip:g}" if clip else "unbounded"
+        recons[name] = torch.cat([tok.decode(t.to(args.device), args.steps, noise=n.to(args.device),
+                                             clip=clip or None).cpu()
+                                  for t, n in zip(tokens.split(args.batch_size), noise.split(args.batch_size))])
+    recons["mean image"] = _mean_baseline(args.data, m, recons[name].shape)
+    data_range = None if m == "LULC" else physical(m, x).amax((0, 2, 3)) - physical(m, x).amin((0, 2, 3))
+    rows = {name: reconstruction_metrics(m, x, r, data_range) for name, r in recons.items()}
+    usage = codebook_usage(tokens, tok.vocab_size)
+    units = {"S2L2A": "reflectance", "S1GRD": "dB", "S1RTC": "dB", "DEM": "m", "NDVI": "NDVI"}.get(m, "classes")
+    print(f"{m} ({units}), {len(idx)} samples of {args.data} ({args.split}), {args.steps} DDIM steps; codebook "
+          f"used {usage['used'] * 100:.2f}% of {tok.vocab_size}, perplexity {usage['perplexity']:.1f}")
+    for name, row in rows.items():
+        print(f"  {name:12s} " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"metrics_{m}.json").write_text(json.dumps({"modality": m, "n": len(idx), "steps": args.steps,
+                                                        "codebook": usage, "metrics": rows}, indent=1))
+    for k in range(min(args.pictures, len(idx))):
+        panels = [(name, terramesh.render(m, r[k], standardized=True)) for name, r in recons.items()
+                  if name != "mean image"]
+        terramesh.save_sheet(out / f"{m}_{ds.ids[idx[k]]}.png",
+                             [("input", terramesh.render(m, x[k], standardized=True))] + panels)
+    print(f"wrote {out}/metrics_{m}.json and {min(args.pictures, len(idx))} pictures")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data", required=True, help="TerraMesh-layout folder")
+    common.add_argument("--out", required=True, help="output folder")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_argument("--batch-size", type=int, default=None, help="images per batch (per GPU when training)")
+    common.add_argument("--seed", type=int, default=0, help="random seed")
+    p = sub.add_parser("train", parents=[common], help="train one modality's tokenizer")
+    p.add_argument("--modality", required=True, choices=terramesh.TOKENIZED_IMAGES, help="image modality")
+    p.add_argument("--size", default="tiny", choices=list(PRESETS), help="architecture preset")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the exported weights (0: off; official 0.9999)")
+    p.add_argument("--crop", type=int, default=None, help="random crop size (default: whole tiles)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast dtype (default: bf16 on GPU)")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer_<MOD>.state.safetensors")
+    p = sub.add_parser("tokenize", parents=[common], help="pre-tokenize a dataset into int16 shards")
+    p.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
+    p.add_argument("--modalities", nargs="+", default=None, help="modalities to tokenize (default: all found)")
+    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard file")
+    p = sub.add_parser("reconstruct", parents=[common], help="input | reconstruction pictures and metrics")
+    p.add_argument("--modality", required=True, choices=terramesh.TOKENIZED_IMAGES, help="image modality")
+    p.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
+    p.add_argument("--split", default="test", help="split to evaluate (all samples when the folder has none)")
+    p.add_argument("--n", type=int, default=200, help="number of samples")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps")
+    p.add_argument("--clip", type=float, nargs="+", default=[1.0], help="x0 bounds to compare (0: unbounded)")
+    p.add_argument("--pictures", type=int, default=4, help="number of picture sheets")
+    args = parser.parse_args()
+    if args.batch_size is None and args.command != "train":
+        args.batch_size = 32
+    {"train": train, "tokenize": tokenize, "reconstruct": reconstruct}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
