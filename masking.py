@@ -1,0 +1,265 @@
+"""
+4M masking for TerraMind pretraining: per sample, split an input and a target token budget across the
+model's entries, then choose which tokens fill them (4M: ../shared/spec/4m.md §1; paper §3.2).
+
+Consumes one sample dict as terramesh.TerraMeshDataset returns it (standardized pixels (C, H, W) under the
+modality name) plus the token inputs, keyed by entry name (see terramind.py):
+  * "tok_S2L2A", ..., "tok_LULC", "tok_NDVI": FSQ token grids, LongTensor (h, w) (from fsq_tokenizer.py);
+  * "caption", "coords": WordPiece ids (list or LongTensor) from text_tokenizer.py, without [EOS] (it is
+    appended here); strings are accepted when a `tokenize` callable is given.
+Produces a dict of fixed-shape tensors that batches with torch's default collate and feeds `TerraMind`:
+  * per entry: pixels (C, S, S) float, token grids (g, g) long, sequences (2 * (max_length + 1),) long with
+    the span-masked input at [0, ...) and the target at [max_length + 1, ...) (4M layout); zeros when the
+    sample lacks the modality;
+  * "input_mod", "input_pos" (N_in,) and "target_mod", "target_pos" (N_tgt,): per slot the entry index
+    (terramind.ENTRIES, -1 = padding) and the position (raster index or sequence index). A sequence
+    target slot at position p reads token p and predicts token p + 1 (teacher forcing).
+
+The recipe (4M `UnifiedMasking`):
+  1. pick one component of the alpha mixture; input budgets ~ Dirichlet(input alphas) over the entries the
+     sample has, floored, the remainder handed out one token at a time to the argmax of fresh draws; caps
+     are what an entry can hold (image: its g*g tokens; caption: its length; coords: 3, whole or nothing);
+  2. target budgets the same way with the target alphas; an image entry's target cap is g*g minus its
+     input budget, so input and target never overlap;
+  3. image entries: one random permutation, the first tokens are inputs, the next ones targets;
+     captions: T5 span masking with sentinels [S_k]; coords: the whole sequence is input or target.
+
+    from masking import Masking
+    masking = Masking(inputs, targets, input_budget=64, target_budget=64, alphas="all2allmix", grid=4)
+    batch = torch.utils.data.default_collate([masking(sample) for sample in samples])
+Budgets: official-like 256/256 at 224 px (grid 14); 64/64 suits 64 px tiles (grid 4, 16 tokens per image).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from terramesh import PATCH
+from terramind import ENTRIES, ENTRY_INDEX, PAD, entry_kind, entry_modality, official_key
+
+UNK, SOS, EOS = 1, 2, 3       # text_tokenizer.py ids (official WordPiece, spec §6)
+SENTINEL = 4                  # [S_k] = SENTINEL + k, k = 0..199; 4M numbers spans from [S_1]
+NUM_SENTINELS = 200
+COORDS_LEN = 3                # [lat, lon, EOS] (official CoordsTokenizer)
+
+
+def _all(alpha):
+    return lambda entries: {e: alpha for e in entries}
+
+
+# Named alpha mixtures: components (input alphas, target alphas), each a function entries -> {entry: alpha};
+# alpha 0 means "never". Components are picked uniformly per sample (4M without sampling_weights).
+MIXTURES = {
+    "all2all": [(_all(0.5), _all(0.5))],                                        # 4M all2all, alpha 0.5
+    "all2allmix": [(_all(a), _all(a)) for a in (0.01, 0.1, 1.0, 10.0)],        # 4M-21 components 0-3
+    "s2l2a2all": [(lambda es: {"S2L2A": 1000.0}, _all(0.5))],                 # like 4M rgb2all
+}
+MIXTURES["mix"] = MIXTURES["all2allmix"] + MIXTURES["s2l2a2all"]
+
+
+def sample_budgets(alphas, total: int, caps, rng: np.random.Generator) -> np.ndarray:
+    """Splits `total` tokens over entries: p ~ Dirichlet(alphas), floor(p * total) capped, then each remaining
+    token to the argmax of a fresh Dirichlet draw among entries below their cap (4M's remainder rule; we
+    keep handing out instead of dropping what a cap cuts off). Entries with alpha 0 or cap 0 get nothing.
+    The result sums to min(total, sum of the eligible caps)."""
+    alphas, caps = np.asarray(alphas, float), np.asarray(caps, int)
+    budget = np.zeros(len(alphas), int)
+    live = np.flatnonzero((alphas > 0) & (caps > 0))
+    if total <= 0 or len(live) == 0:
+        return budget
+    a, cap = alphas[live], caps[live]
+    b = np.minimum(np.floor(rng.dirichlet(a) * total).astype(int), cap)
+    left = min(total, int(cap.sum())) - int(b.sum())
+    while left > 0:
+        for draw in rng.dirichlet(a, size=left):
+            draw[b >= cap] = -1.0
+            b[int(np.argmax(draw))] += 1
+        left = min(total, int(cap.sum())) - int(b.sum())
+    budget[live] = b
+    return budget
+
+
+def span_mask(ids: list, keep_prob: float, rng: np.random.Generator) -> tuple[list, list]:
+    """T5 span masking (4M simple_span_masking): each token kept with prob keep_prob; each run of dropped
+    tokens becomes one sentinel [S_k] (k = 1, 2, ...) in the input; the target is
+    [S_1] span_1 [S_2] span_2 ... [S_k] span_k [S_k+1]."""
+    keep = rng.random(len(ids)) < keep_prob
+    inp, tgt, k = [], [], 0
+    for i, (t, kept) in enumerate(zip(ids, keep)):
+        if kept:
+            inp.append(t)
+            continue
+        if i == 0 or keep[i - 1]:
+            k += 1
+            inp.append(SENTINEL + k)
+            tgt.append(SENTINEL + k)
+        tgt.append(t)
+    return inp, tgt + [SENTINEL + k + 1]
+
+
+def _is_sentinel(t):
+    return SENTINEL <= t < SENTINEL + NUM_SENTINELS
+
+
+def fit_target(tgt: list, budget: int, rng: np.random.Generator) -> list:
+    """4M: a target longer than its budget starts at a random sentinel (not the last one when there are
+    several); if that suffix is too short, at the earliest sentinel whose suffix fits."""
+    if len(tgt) <= budget:
+        return tgt
+    starts = [i for i, t in enumerate(tgt) if _is_sentinel(t)]
+    start = starts[rng.integers(len(starts) - 1)] if len(starts) > 1 else starts[0]
+    if len(tgt) - start >= budget:
+        return tgt[start:start + budget]
+    return tgt[min(i for i in starts if len(tgt) - i <= budget):]
+
+
+def mask_caption(ids: list, n_in: int, n_tgt: int, rng) -> tuple[list, list]:
+    """Span-masked input (at most n_in tokens) and target (at most n_tgt tokens) of one caption."""
+    if n_in == 0:
+        return [], fit_target([SENTINEL + 1, *ids, SENTINEL + 2], n_tgt, rng)
+    keep_prob = rng.random()                                   # 4M keep scheme "random"
+    for _ in range(200):                                       # 4M: shrink keep_prob until the input fits
+        inp, tgt = span_mask(ids, keep_prob, rng)
+        if len(inp) <= n_in:
+            break
+        keep_prob *= 0.9
+    else:
+        inp, tgt = span_mask(ids, 0.0, rng)
+    return inp, fit_target(tgt, n_tgt, rng)
+
+
+def mask_coords(ids: list, n_in: int, n_tgt: int, rng) -> tuple[list, list]:
+    """Coords are never split: the whole [lat, lon, EOS] is input, or the target [S_1] lat lon EOS [S_2]
+    with [S_1] as input when the input budget allows (as the official generation prompts it)."""
+    as_input, as_target = n_in >= len(ids), n_tgt >= 2
+    if as_input and (not as_target or rng.random() < 0.5):
+        return list(ids), []
+    if as_target:
+        return [SENTINEL + 1][:n_in], fit_target([SENTINEL + 1, *ids, SENTINEL + 2], n_tgt, rng)
+    return [], []
+
+
+class Masking:
+    """Callable sample -> fixed-shape masked sample (see the module docstring). `inputs`/`targets` are the
+    model's entries (TerraMindConfig.inputs/targets); `alphas` a MIXTURES name or a list of components."""
+
+    def __init__(self, inputs, targets, input_budget: int = 256, target_budget: int = 256,
+                 alphas="all2all", grid: int = 14, tokenize=None):
+        self.inputs, self.targets = tuple(inputs), tuple(targets)
+        for e in self.inputs + self.targets:
+            entry_kind(e)
+        if bad := [e for e in self.targets if entry_kind(e) == "pixels"]:
+            raise ValueError(f"pixel entries cannot be targets: {bad}")
+        if isinstance(alphas, str) and alphas not in MIXTURES:
+            raise KeyError(f"unknown alpha mixture {alphas!r}; named mixtures: {', '.join(MIXTURES)}")
+        self.mixture = MIXTURES[alphas] if isinstance(alphas, str) else list(alphas)
+        self.input_budget, self.target_budget, self.grid, self.tokenize = input_budget, target_budget, grid, tokenize
+        self.entries = tuple(e for e in ENTRIES if e in self.inputs or e in self.targets)
+
+    def _empty(self, e):
+        g, kind = self.grid, entry_kind(e)
+        if kind == "pixels":
+            return torch.zeros(entry_modality(e).channels, g * PATCH, g * PATCH)
+        if kind == "tokens":
+            return torch.zeros(g, g, dtype=torch.long)
+        return torch.zeros(2 * (entry_modality(e).max_length + 1), dtype=torch.long)
+
+    def _read(self, sample, e):
+        """The sample's data for entry e (validated), or None when it lacks it."""
+        kind, g = entry_kind(e), self.grid
+        x = sample.get(e)
+        if x is None:
+            return None
+        if kind == "pixels":
+            if tuple(x.shape) != (entry_modality(e).channels, g * PATCH, g * PATCH):
+                raise ValueError(f"{e}: expected pixels ({entry_modality(e).channels}, {g * PATCH}, "
+                                 f"{g * PATCH}) for grid {g}, got {tuple(x.shape)}")
+            return x.float()
+        if kind == "tokens":
+            x = torch.as_tensor(x, dtype=torch.long)
+            if tuple(x.shape) != (g, g):
+                raise ValueError(f"{e}: expected a token grid ({g}, {g}), got {tuple(x.shape)}")
+            return x
+        if isinstance(x, str):
+            if self.tokenize is None:
+                raise ValueError(f"{e} is text; tokenize it (text_tokenizer.py) or pass Masking(tokenize=...)")
+            x = self.tokenize(x)
+        ids = [int(t) for t in torch.as_tensor(x, dtype=torch.long).flatten() if int(t) != PAD]
+        ids = ids[:-1] if ids and ids[-1] == EOS else ids
+        limit = COORDS_LEN - 1 if e == "coords" else entry_modality(e).max_length - 1
+        return ids[:limit] + [EOS]
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        if rng is None:  # per-worker torch seeds make DataLoader workers draw differently
+            rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        data = {e: self._read(sample, e) for e in self.entries}
+        n = len(self.entries)
+        have = np.array([data[e] is not None for e in self.entries])
+        tokens = np.array([self.grid ** 2 if entry_kind(e) != "sequence" else
+                           (len(data[e]) if data[e] is not None else 0) for e in self.entries])
+        in_alpha, tgt_alpha = self.mixture[rng.integers(len(self.mixture))]
+        in_alpha, tgt_alpha = in_alpha(self.inputs), tgt_alpha(self.targets)
+        alpha_in = np.array([in_alpha.get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries])
+        alpha_tgt = np.array([tgt_alpha.get(e, 0.0) if e in self.targets else 0.0 for e in self.entries])
+        n_in = sample_budgets(alpha_in, self.input_budget, np.where(have, tokens, 0), rng)
+        seq_cap = np.array([entry_modality(e).max_length + 1 if entry_kind(e) == "sequence" else 0
+                            for e in self.entries])
+        cap_tgt = np.where(seq_cap > 0, np.minimum(tokens + 2, seq_cap), tokens - n_in)
+        n_tgt = sample_budgets(alpha_tgt, self.target_budget, np.where(have, cap_tgt, 0), rng)
+
+        out, ins, tgts = {}, [], []
+        for i, e in enumerate(self.entries):
+            idx, x = ENTRY_INDEX[e], data[e]
+            out[e] = self._empty(e) if x is None or entry_kind(e) == "sequence" else x
+            if x is None:
+                continue
+            if entry_kind(e) != "sequence":
+                perm = rng.permutation(self.grid ** 2)
+                ins += [(idx, p) for p in np.sort(perm[:n_in[i]])]
+                tgts += [(idx, p) for p in np.sort(perm[n_in[i]:n_in[i] + n_tgt[i]])]
+                continue
+            inp, tgt = (mask_coords if e == "coords" else mask_caption)(x, int(n_in[i]), int(n_tgt[i]), rng)
+            off = entry_modality(e).max_length + 1
+            out[e][:len(inp)] = torch.tensor(inp, dtype=torch.long)
+            out[e][off:off + len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+            ins += [(idx, p) for p in range(len(inp))]
+            tgts += [(idx, off + p) for p in range(len(tgt) - 1)]   # the last target token is only predicted
+        for name, slots, size in (("input", ins, self.input_budget), ("target", tgts, self.target_budget)):
+            assert len(slots) <= size, f"{name} slots {len(slots)} exceed the budget {size}"
+            mod = torch.full((size,), -1, dtype=torch.long)
+            pos = torch.zeros(size, dtype=torch.long)
+            if slots:
+                mod[:len(slots)], pos[:len(slots)] = torch.tensor(slots, dtype=torch.long).T
+            out[name + "_mod"], out[name + "_pos"] = mod, pos
+        return out
+
+
+def to_official(batch: dict) -> dict:
+    """A masked batch in the official/4M mod_dict format ({official key: {tensor, input_mask, target_mask,
+    decoder_attention_mask}}, True = not used), for parity checks against the official TerraMind.forward."""
+    B = batch["input_mod"].shape[0]
+    out = {}
+    for e in ENTRIES:
+        if e not in batch:
+            continue
+        t = batch[e]
+        n = t.shape[-2] * t.shape[-1] // PATCH ** 2 if entry_kind(e) == "pixels" else t[0].numel()
+        masks = {}
+        for side in ("input", "target"):
+            b, k = (batch[side + "_mod"] == ENTRY_INDEX[e]).nonzero(as_tuple=True)
+            p = batch[side + "_pos"][b, k]
+            m = torch.ones(B, n, dtype=torch.bool)
+            m[b, p] = False
+            if side == "target" and entry_kind(e) == "sequence":
+                m[b, p + 1] = False            # the final target token (predicted, never a query)
+            masks[side] = m
+        dam = torch.zeros(B, n, dtype=torch.long)
+        if entry_kind(e) == "sequence":
+            dam[~masks["target"]] = 1          # causal within the sequence
+        else:                                  # one bidirectional block: its size at the first target
+            count = (~masks["target"]).sum(1)
+            first = torch.where(count > 0, (~masks["target"]).to(torch.uint8).argmax(1), 0)
+            dam[torch.arange(B), first] = count
+        out[official_key(e)] = {"tensor": t, "input_mask": masks["input"], "target_mask": masks["target"],
+                                "decoder_attention_mask": dam}
+    return out
