@@ -11,7 +11,7 @@ is the one place that names a modality. It holds
     `coords/<id>.txt`) that returns standardized tensors and refuses bad files with a clear error;
   * `synthesize`, a synthetic world whose modalities are physically correlated (terrain -> water, snow,
     land cover -> spectra, backscatter, NDVI, captions), so every later stage can be trained on a laptop;
-  * pictures: `render` (any modality -> RGB), `save_png` (a zlib PNG encoder), `save_sheet`.
+  * `render`, any modality as an RGB picture (PNGs and sheets via pictures.py, re-exported here).
 
 It consumes GeoTIFF folders and produces nothing but folders and pictures; later stages import it.
 
@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import struct
 import time
 import warnings
 import zlib
@@ -42,6 +41,8 @@ import safetensors.torch
 import tifffile
 import torch
 from tqdm import tqdm
+
+from pictures import ramp, save_png, save_sheet  # noqa: F401  (re-exported: stages draw via terramesh)
 
 # -----------------------------------------------------------------------------------------------------------
 # The modality table
@@ -631,7 +632,7 @@ def _write_text(path, text):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Pictures: modality -> RGB, a PNG encoder, labelled sheets
+# Pictures: any modality as RGB (the PNG encoder and sheets are in pictures.py)
 
 def render(name: str, x, standardized: bool = False) -> np.ndarray:
     """Any modality as uint8 RGB (H, W, 3): true colour for S2, VV/VH/VV-VH false colour for S1, terrain
@@ -664,83 +665,12 @@ def render(name: str, x, standardized: bool = False) -> np.ndarray:
         stops = [(0, (70, 120, 60)), (0.4, (190, 185, 100)), (0.75, (150, 105, 70)), (1, (250, 250, 250))]
         gy, gx = np.gradient(z, 10.0)
         shade = np.clip(0.75 + 0.5 * (gx - gy) / (np.hypot(gx, gy).max() + 1e-6), 0.4, 1.15)
-        return np.clip(_ramp(t, stops) * shade[..., None], 0, 255).astype(np.uint8)
+        return np.clip(ramp(t, stops) * shade[..., None], 0, 255).astype(np.uint8)
     if name == "NDVI":
         stops = [(-1, (30, 60, 140)), (0, (150, 110, 70)), (0.3, (230, 220, 140)), (0.6, (110, 180, 60)),
                  (1, (0, 90, 20))]
-        return _ramp(np.clip(x[0], -1, 1), stops).astype(np.uint8)
+        return ramp(np.clip(x[0], -1, 1), stops).astype(np.uint8)
     raise ValueError(f"cannot render modality {name!r}")
-
-
-def _ramp(t, stops):
-    pos = np.array([s[0] for s in stops], np.float32)
-    cols = np.array([s[1] for s in stops], np.float32)
-    return np.stack([np.interp(t, pos, cols[:, c]) for c in range(3)], -1)
-
-
-def save_png(path, rgb: np.ndarray):
-    """Writes uint8 (H, W, 3) or (H, W) as PNG: signature, IHDR, zlib-compressed IDAT, IEND (RFC 2083)."""
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w = rgb.shape[:2]
-    color = 2 if rgb.ndim == 3 else 0
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, -1)], 1)   # filter byte 0 per row
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, path)
-
-
-# a 3x5 pixel font for titles: each glyph is five rows of three bits
-_FONT = dict(zip("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.:/=()%_,+|<> ", """
-010101111101101 110101110101110 011100100100011 110101101101110 111100110100111 111100110100100
-011100101101011 101101111101101 111010010010111 001001001101010 101101110101101 100100100100111
-101111111101101 110101101101101 010101101101010 110101110100100 010101101110011 110101110101101
-011100010001110 111010010010010 101101101101111 101101101101010 101101111111101 101101010101101
-101101010010010 111001010100111 111101101101111 010110010010111 110001010100111 110001010001110
-101101111001001 111100110001110 011100111101111 111001010010010 111101111101111 111101111001110
-000000111000000 000000000000010 000010000010000 001001010100100 000111000111000 001010010010001
-100010010010100 101001010100101 000000000000111 000000000010100 000010111010000 010010010010010
-001010100010001 100010001010100 000000000000000""".split()))
-
-
-def _draw_text(img, text, y, x, scale=2, color=(0, 0, 0)):
-    for ch in text.upper():
-        bits = _FONT.get(ch, _FONT[" "])
-        glyph = np.array([int(b) for b in bits], bool).reshape(5, 3).repeat(scale, 0).repeat(scale, 1)
-        h, w = img.shape[0] - y, img.shape[1] - x
-        if h <= 0 or w <= 0:
-            return
-        img[y:y + 5 * scale, x:x + 3 * scale][glyph[:h, :w]] = color
-        x += 4 * scale
-
-
-def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None, min_size=128,
-               max_size=None):
-    """Lays (title, rgb) panels out in a grid with their titles above them, optional text lines below,
-    and writes a PNG. Small panels are enlarged (nearest) to at least `min_size` pixels, large ones
-    subsampled to at most `max_size`."""
-    if max_size:
-        panels = [(t, p[::-(-p.shape[0] // max_size), ::-(-p.shape[1] // max_size)]) for t, p in panels]
-    columns = columns or len(panels)
-    size = max(max(p.shape[0], p.shape[1]) for _, p in panels)
-    zoom = max(1, -(-min(min_size, max_size or min_size) // size))
-    cell, pad, title = size * zoom, 8, 16
-    rows = -(-len(panels) // columns)
-    text_h = 14 * len(lines or [])
-    img = np.full((rows * (cell + title + pad) + pad + text_h, columns * (cell + pad) + pad, 3), 255, np.uint8)
-    for k, (name, rgb) in enumerate(panels):
-        r, c = divmod(k, columns)
-        y, x = pad + r * (cell + title + pad), pad + c * (cell + pad)
-        _draw_text(img, str(name), y, x)
-        big = rgb.repeat(zoom, 0).repeat(zoom, 1)
-        img[y + title:y + title + big.shape[0], x:x + big.shape[1]] = big
-    for k, line in enumerate(lines or []):
-        _draw_text(img, str(line), img.shape[0] - text_h + 14 * k, pad)
-    save_png(path, img)
 
 
 # -----------------------------------------------------------------------------------------------------------
