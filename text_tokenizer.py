@@ -27,6 +27,7 @@ import math
 import os
 import re
 import string
+import time
 import unicodedata
 import warnings
 from collections import Counter
@@ -492,7 +493,6 @@ def main():
     args = parser.parse_args()
 
     if args.command == "train":
-        import time
         texts = read_corpus(args.corpus)
         t0 = time.perf_counter()
         tok = WordPieceTokenizer.train(texts, args.vocab_size)
@@ -500,7 +500,8 @@ def main():
         tok.save(args.out)
         n_unk = sum(tok.encode(t).count(UNK_ID) for t in texts)
         print(f"trained on {len(texts)} texts in {seconds:.2f} s | vocab {len(tok)} "
-              f"({len(tok) - len(tok.added)} learned) | [UNK] in corpus: {n_unk} | wrote {args.out}")
+              f"({len(tok.added)} added + {len(tok) - len(tok.added)} WordPiece) | [UNK] in corpus: {n_unk} | "
+              f"wrote {args.out}")
     else:
         tok = WordPieceTokenizer.from_file(args.tokenizer)
         ids = tok.encode(args.text)
