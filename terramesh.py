@@ -25,11 +25,10 @@ There is no GPU or multi-GPU variant of this stage: it is numpy on one CPU proce
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
 import re
+import textwrap
 import time
 import warnings
 import zlib
@@ -681,61 +680,37 @@ def dataset_stats(root, limit=None) -> dict:
     number of files read: {modality: (mean, std, files)}."""
     out = {}
     for m in IMAGE_MODALITIES:
-        folder = Path(root) / m
-        files = sorted(folder.glob("*.tif"))[:limit] if folder.is_dir() else []
+        files = sorted((Path(root) / m).glob("*.tif"))[:limit]
         if not files or m == "LULC":
             continue
         c = MODALITIES[m].channels
-        total, square, count = np.zeros(c), np.zeros(c), np.zeros(c)
+        acc = np.zeros((3, c))                                                     # sum, sum of squares, count
         for f in tqdm(files, desc=m, leave=False):
-            x, _ = read_tiff(f)
-            x = to_channels_first(x, c, f).reshape(c, -1).astype(np.float64)
+            x = to_channels_first(read_tiff(f)[0], c, f).reshape(c, -1).astype(np.float64)
             ok = ~np.isnan(x)
             x = np.where(ok, x, 0)
-            total, square, count = total + x.sum(1), square + (x ** 2).sum(1), count + ok.sum(1)
-        mean = total / count
-        out[m] = (mean, np.sqrt(np.maximum(square / count - mean ** 2, 0)), len(files))
+            acc += [x.sum(1), (x ** 2).sum(1), ok.sum(1)]
+        mean = acc[0] / acc[2]
+        out[m] = (mean, np.sqrt(np.maximum(acc[1] / acc[2] - mean ** 2, 0)), len(files))
     return out
 
 
-def _print_stats(root, limit):
-    print(f"{'modality':8s} {'band':16s} {'mean':>10s} {'std':>10s} | {'official mean':>13s} "
-          f"{'official std':>12s} | {'(mean-off)/std':>14s}")
-    for m, (mean, std, n) in dataset_stats(root, limit).items():
-        mod = MODALITIES[m]
-        for b in range(mod.channels):
-            z = (mean[b] - mod.mean[b]) / mod.std[b]
-            print(f"{m:8s} {mod.bands[b]:16s} {mean[b]:10.3f} {std[b]:10.3f} | {mod.mean[b]:13.3f} "
-                  f"{mod.std[b]:12.3f} | {z:+14.2f}")
-        print(f"{'':8s} ({n} files)")
-
-
 def _show(root, sid, out, max_size=None):
-    root = Path(root)
-    panels, lines = [], []
-    folders = [m for m in MODALITIES if (root / m).is_dir()] + sorted(
-        p.name for p in root.glob("label*") if p.is_dir())
-    for m in folders:
-        mod = MODALITIES.get(m)
-        path = root / m / f"{sid}.{'txt' if mod and mod.kind == 'sequence' else 'tif'}"
-        if not path.exists():
-            continue
+    """All modalities (and label folders) of one sample side by side, caption and coords as text below."""
+    root, panels, lines = Path(root), [], []
+    for folder in [m for m in MODALITIES if (root / m).is_dir()] + sorted(p.name for p in root.glob("label*")):
+        mod = MODALITIES.get(folder)
         if mod and mod.kind == "sequence":
-            lines.append(f"{m}: {path.read_text(encoding='utf-8').strip()}")
-            continue
-        x, _ = read_tiff(path)
-        panels.append((m, render(m, to_channels_first(x, mod.channels if mod else 1, path))))
+            if (root / folder / f"{sid}.txt").exists():
+                text = f"{folder}: {(root / folder / f'{sid}.txt').read_text(encoding='utf-8').strip()}"
+                lines += textwrap.wrap(text, 110, subsequent_indent="  ")
+        elif (root / folder / f"{sid}.tif").exists():
+            path = root / folder / f"{sid}.tif"
+            panels.append((folder, render(folder, to_channels_first(read_tiff(path)[0], mod.channels if mod else 1,
+                                                                     path))))
     if not panels and not lines:
         raise FileNotFoundError(f"{root}: no sample with id {sid!r}")
-    wrapped = []
-    for line in lines:
-        while len(line) > 110:
-            cut = line.rfind(" ", 0, 110)
-            cut = cut if cut > 0 else 110
-            wrapped.append(line[:cut])
-            line = "  " + line[cut:].lstrip()
-        wrapped.append(line)
-    save_sheet(out, panels, lines=wrapped, max_size=max_size)
+    save_sheet(out, panels, lines=lines, max_size=max_size)
     print(f"wrote {out}: {', '.join(p[0] for p in panels)}")
 
 
@@ -763,7 +738,14 @@ def main():
         synthesize(args.out, args.n, args.size, args.seed, args.workers)
         print(f"wrote {args.n} samples of {args.size}x{args.size} to {args.out} in {time.time() - t0:.1f} s")
     elif args.command == "stats":
-        _print_stats(args.root, args.limit)
+        print(f"{'modality':8s} {'band':16s} {'mean':>10s} {'std':>10s} | {'official mean':>13s} "
+              f"{'official std':>12s} | (mean-official)/std")
+        for m, (mean, std, n) in dataset_stats(args.root, args.limit).items():
+            mod = MODALITIES[m]
+            for b, band in enumerate(mod.bands):
+                print(f"{m:8s} {band:16s} {mean[b]:10.3f} {std[b]:10.3f} | {mod.mean[b]:13.3f} "
+                      f"{mod.std[b]:12.3f} | {(mean[b] - mod.mean[b]) / mod.std[b]:+.2f}")
+            print(f"{'':8s} ({n} files)")
     else:
         _show(args.root, args.id, args.out, args.max_size)
 
