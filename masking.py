@@ -197,10 +197,14 @@ class Masking:
         have = np.array([data[e] is not None for e in self.entries])
         tokens = np.array([self.grid ** 2 if entry_kind(e) != "sequence" else
                            (len(data[e]) if data[e] is not None else 0) for e in self.entries])
-        in_alpha, tgt_alpha = self.mixture[rng.integers(len(self.mixture))]
-        in_alpha, tgt_alpha = in_alpha(self.inputs), tgt_alpha(self.targets)
-        alpha_in = np.array([in_alpha.get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries])
-        alpha_tgt = np.array([tgt_alpha.get(e, 0.0) if e in self.targets else 0.0 for e in self.entries])
+        components = [(np.array([a(self.inputs).get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries]),
+                       np.array([t(self.targets).get(e, 0.0) if e in self.targets else 0.0 for e in self.entries]))
+                      for a, t in self.mixture]
+        usable = [c for c in components if (c[0] * have).any()]   # needs an input the sample has
+        if not usable:
+            raise ValueError(f"sample has none of the input entries its alpha mixture draws from "
+                             f"(has {[e for e, h in zip(self.entries, have) if h]})")
+        alpha_in, alpha_tgt = usable[rng.integers(len(usable))]
         n_in = sample_budgets(alpha_in, self.input_budget, np.where(have, tokens, 0), rng)
         seq_cap = np.array([entry_modality(e).max_length + 1 if entry_kind(e) == "sequence" else 0
                             for e in self.entries])
