@@ -433,8 +433,8 @@ def default_layers(depth: int) -> list:
     return {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}.get(depth, [max(0, math.ceil(depth * k / 4) - 1) for k in (1, 2, 3, 4)])
 
 
-def conv_bn_relu(cin, cout, k):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+def conv_bn_relu(cin, cout, k):   # official: the convs keep their biases before the norm
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2), nn.BatchNorm2d(cout), nn.ReLU())
 
 
 class UPerNet(nn.Module):
@@ -539,7 +539,8 @@ def load_encoder(model=None, official=None, size="smoke", device="cpu"):
     if model:
         return TerraMind.from_checkpoint(model, device), f"TerraMind {Path(model).stem}"
     if official:
-        return TerraMind.from_official(official, size).to(device), f"TerraMind-{size} ({Path(official).name})"
+        return (TerraMind.from_official(official, size).to(device),
+                f"TerraMind-{size if isinstance(size, str) else 'custom'} ({Path(official).name})")
     return TerraMind(TerraMindConfig.preset(size)).to(device), f"TerraMind-{size} random init"
 
 
@@ -619,9 +620,9 @@ def multistep(opt, total: int):
 
 def train_segmentation(model, train: SegmentationData, val: SegmentationData, epochs=80, batch_size=8, window=224,
                        device="cpu", workers=4, seed=234, lr=1e-4, weight_decay=0.05, eval_every=5) -> dict:
-    """The protocol on the head: AdamW, `multistep`, cross-entropy with the ignore index (Dice for 1-logit tasks), validation every `eval_every`
-    epochs and at the end; the best-validation head (mIoU; IoU of the positive class for 1-logit tasks) is loaded
-    back and its validation scores returned."""
+    """The protocol on the head: AdamW, `multistep`, cross-entropy with the ignore index (Dice for 1-logit tasks),
+    validation every `eval_every` epochs and at the end; the best-validation head (mIoU; for 1-logit tasks the
+    positive class's IoU) is loaded back and its validation scores returned."""
     r = train.reader
     loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, drop_last=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(seed))
@@ -680,9 +681,10 @@ def fewshot_accuracy(support, support_y, query, query_y, ways, shots, runs=200, 
     each and assigns every query image of those classes to the nearest prototype (Euclidean; the support mean,
     the 1-NN for one shot). `same_pool`: support and query are one set, the support left out of the queries."""
     rng = np.random.default_rng(seed)
-    classes = [c for c in np.unique(support_y) if (support_y == c).sum() >= shots + same_pool]
+    classes = [c for c in np.unique(support_y) if (support_y == c).sum() >= shots + same_pool and
+               (query_y == c).sum() > shots * same_pool]           # enough support images, and test images
     if len(classes) < ways:
-        raise ValueError(f"only {len(classes)} classes have {shots + same_pool} or more images; {ways} ways asked")
+        raise ValueError(f"only {len(classes)} classes have {shots} support and some test images; {ways} ways asked")
     accs = []
     for _ in range(runs):
         chosen = rng.choice(classes, ways, replace=False)
@@ -743,13 +745,14 @@ def save_prediction(path, reader, pred, target):
     pal = np.array([(40, 40, 40), (65, 155, 223)], np.uint8) if k <= 2 else np.concatenate(
         [LULC_COLORS[1:], np.random.default_rng(0).integers(0, 255, (max(k - 9, 0), 3), dtype=np.uint8)])
     paint = lambda y: np.where((y >= 0)[..., None], pal[np.clip(y, 0, k - 1)], 255).astype(np.uint8)   # noqa: E731
-    src, codes = next((m, c) for m, c in reader.bands.items() if "B4" in c or m not in ("optical", "sar"))
-    if all(c in codes for c in ("B4", "B3", "B2")):                              # true colour, 2-98 % stretch
-        x = image[src][[codes.index(c) for c in ("B4", "B3", "B2")], 0]
-        rgb = (np.clip((x - np.percentile(x, 2)) / (np.ptp(np.percentile(x, [2, 98])) + 1e-6), 0, 1) * 255)
-        rgb = rgb.astype(np.uint8).transpose(1, 2, 0)
-    else:
-        rgb = render(src, image[src][:, 0])
+    rgb = ("B4", "B3", "B2")
+    src, codes = next(((m, c) for m, c in reader.bands.items() if set(rgb) <= set(c)), next(iter(reader.bands.items())))
+    if set(rgb) <= set(codes):                                                    # true colour, 2-98 % stretch
+        x = image[src][[codes.index(c) for c in rgb], 0]
+        lo, hi = np.percentile(x, [2, 98])
+        rgb = (np.clip((x - lo) / (hi - lo + 1e-6), 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
+    else:                                                                         # S1 false colour, DEM, ...
+        rgb = render(src if src in MODALITIES else "S1GRD", image[src][:, 0])
     y = target.numpy()
     save_sheet(path, [("input", rgb), ("target", paint(y)), ("prediction", paint(np.where(y == reader.ignore_index,
                                                                                            -1, pred.numpy())))])

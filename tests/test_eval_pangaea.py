@@ -410,6 +410,10 @@ def test_fewshot_separable_is_perfect_and_random_is_chance():
         assert abs(acc - 100 / ways) < 3                                           # chance: 20 %
     with pytest.raises(ValueError, match="ways"):
         ep.fewshot_accuracy(x, y, x, y, ways=11, shots=1)
+    keep = y != 9                                        # class 9 has support images but no test images
+    assert ep.fewshot_accuracy(x, y, x[keep], y[keep], ways=9, shots=5, runs=20)[0] == 100.0
+    with pytest.raises(ValueError, match="ways"):
+        ep.fewshot_accuracy(x, y, x[keep], y[keep], ways=10, shots=1)
 
 
 def test_fewshot_on_image_folders(tmp_path):
@@ -452,8 +456,8 @@ def test_training_learns_a_learnable_task(tmp_path):
     model = ep.PangaeaModel(StandIn(), 2, [0, 1, 2, 3], channels=16)
     data = {s: ep.SegmentationData(r, m, 32, s == "train", replicate=4 if s == "train" else 1) for s, r in readers.items()}
     before = ep.evaluate(model, data["val"], 32)["miou"]
-    best = ep.train_segmentation(model, data["train"], data["val"], epochs=6, batch_size=8, window=32, workers=0,
-                                 lr=1e-3, eval_every=3)
+    best = ep.train_segmentation(model, data["train"], data["val"], epochs=4, batch_size=8, window=32, workers=0,
+                                 lr=1e-3, eval_every=2)
     assert best["miou"] > 85 and best["miou"] > before + 20
 
 
@@ -473,6 +477,23 @@ def test_terramind_smoke_features_and_layers():
     direct = enc.encode({k: v[:, :, 0] for k, v in x.items()})
     assert torch.allclose(feats[-1], direct.merge("mean"), atol=1e-5)          # the last level is the normed output
     assert model(x).shape == (2, 2, 64, 64)
+
+
+def test_official_weights_give_the_official_backbone_features(tmp_path):
+    # outside reference: TerraTorch's TerraMindViT (which PANGAEA's TerraMind encoder ports) with merge "mean",
+    # on the official-format weights of the TerraMind parity fixture (tests/fixtures/make_pangaea_fixtures.py)
+    tm = _terramind_or_skip()
+    from terramesh import load_safetensors
+    weights, meta = load_safetensors(ROOT / "tests/fixtures/terramind/official_swiglu64.safetensors")
+    torch.save({k[6:]: v.float() for k, v in weights.items() if k.startswith("state.")}, tmp_path / "official.pt")
+    enc, name = ep.load_encoder(official=str(tmp_path / "official.pt"), size=tm.TerraMindConfig(**meta["config"]))
+    expect, _ = load_safetensors(ROOT / "tests/fixtures/pangaea/terramind_vit_features.safetensors")
+    model = ep.PangaeaModel(enc, 2, [0, 1], channels=16).eval()
+    x = {m: expect[f"input.{m}"].float()[:, :, None] for m in ("S2L2A", "S1GRD")}       # (B, C, T=1, H, W)
+    for got, layer in zip(model.features(x), ("layer0", "layer1")):
+        want = expect[layer].transpose(1, 2).reshape(got.shape)                         # (B, N, D) -> (B, D, h, w)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (layer, (got - want).abs().max())
+    assert "official.pt" in name
 
 
 def test_seg_command_end_to_end_with_terramind(tmp_path):
