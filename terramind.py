@@ -120,7 +120,7 @@ class TerraMindConfig:
     def preset(size: str) -> "TerraMindConfig":
         if size not in PRESETS:
             raise KeyError(f"unknown size {size!r}; presets are {', '.join(PRESETS)}")
-        return replace(PRESETS[size])
+        return replace(PRESETS[size], vocab=dict(PRESETS[size].vocab))
 
 
 PRESETS = {  # official sizes (spec §3.1); smoke trains in seconds on a CPU on 64 px tiles (4 x 4 tokens)
@@ -198,7 +198,7 @@ class Attention(nn.Module):
         H = self.num_heads
         if self.cross:
             q = self.q(x).view(B, N, H, D // H).transpose(1, 2)                       # (B, H, N, D/H)
-            k, v = self.kv(context).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, M, D/H)
+            k, v = self.kv(context).view(B, context.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, M, D/H)
         else:
             q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)    # 3 x (B, H, N, D/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                  # (B, H, N, D/H)
@@ -333,9 +333,6 @@ class TerraMind(nn.Module):
     def image_positions(self, h: int, w: int) -> torch.Tensor:
         return resize_positions(self.pos_image, h, w)                                # (h*w, D)
 
-    def _grid(self, entry, t):
-        return (t.shape[-2] // PATCH, t.shape[-1] // PATCH) if entry_kind(entry) == "pixels" else tuple(t.shape[-2:])
-
     def embed_inputs(self, data: dict, mod: torch.Tensor, pos: torch.Tensor):
         """Encoder slots -> content x and position+modality emb, both (B, N, D); padding slots stay 0."""
         B, N = mod.shape
@@ -350,7 +347,7 @@ class TerraMind(nn.Module):
             if kind == "pixels":  # gather only the selected 16x16 patches, features (row, col, channel)
                 _, C, H, W = t.shape
                 h, w = H // PATCH, W // PATCH
-                patches = t.view(B, C, h, PATCH, w, PATCH)[b, :, p // w, :, p % w]  # (K, C, P, P)
+                patches = t.reshape(B, C, h, PATCH, w, PATCH)[b, :, p // w, :, p % w]  # (K, C, P, P)
                 x[b, n] = self.patch_proj[e](patches.permute(0, 2, 3, 1).reshape(len(b), -1))
                 pe = self.image_positions(h, w)[p]
             elif kind == "tokens":
@@ -433,9 +430,8 @@ class TerraMind(nn.Module):
         return sum(losses.values()) / len(losses), losses
 
     def _check_slots(self, mod, allowed, side):
-        present = set(mod.unique().tolist()) - {-1}
-        if bad := [ENTRIES[i] if 0 <= i < len(ENTRIES) else i for i in present
-                   if not 0 <= i < len(ENTRIES) or ENTRIES[i] not in allowed]:
+        names = dict(enumerate(ENTRIES))
+        if bad := [names.get(i, i) for i in set(mod.unique().tolist()) - {-1} if names.get(i) not in allowed]:
             raise ValueError(f"batch has {side} slots of {bad}, which this model has no {side} embedding for "
                              f"(config.{side}s = {list(allowed)})")
 
@@ -446,14 +442,16 @@ class TerraMind(nn.Module):
         bool (B, N)} restricts an entry to some positions (default: all; sequences: ids != PAD)."""
         if not inputs:
             raise ValueError("encode needs at least one input")
+        if bad := [i for i in (layers or ()) if not 0 <= i < len(self.encoder)]:
+            raise ValueError(f"layers {bad} out of range for a {len(self.encoder)}-block encoder")
         mods, poss, vis, grids = [], [], [], {}
         for e, t in inputs.items():
             if e not in self.config.inputs:
                 raise KeyError(f"model has no encoder embedding for {e!r}; inputs: {list(self.config.inputs)}")
             kind = entry_kind(e)
             self._check_input(e, t)
-            if kind != "sequence":
-                grids[e] = self._grid(e, t)
+            if kind != "sequence":  # (h, w) token grid
+                grids[e] = tuple(t.shape[-2:]) if kind == "tokens" else (t.shape[2] // PATCH, t.shape[3] // PATCH)
             n = math.prod(grids[e]) if kind != "sequence" else t.shape[1]
             v = (visible or {}).get(e)
             v = (t != PAD) if v is None and kind == "sequence" else v
@@ -470,8 +468,6 @@ class TerraMind(nn.Module):
             pad = ~vis if not bool(vis.all()) else None
         x, emb = self.embed_inputs(inputs, mod, pos)
         context, outs = self.forward_encoder(x + emb, pad, set(layers or ()))
-        if bad := [i for i in (layers or ()) if not 0 <= i < len(self.encoder)]:
-            raise ValueError(f"layers {bad} out of range for a {len(self.encoder)}-block encoder")
 
         def per_entry(z):  # dense slots -> {entry: (B, N_e, D)}, zeros where not visible
             out = {}

@@ -191,7 +191,8 @@ def test_encode_visibility_grids_and_merge():
     with torch.no_grad():
         both = model.encode({"S2L2A": s2, "tok_LULC": lulc}, layers=[0, 1])
         alone = model.encode({"S2L2A": s2})
-        hidden = model.encode({"S2L2A": s2, "tok_LULC": lulc}, visible={"tok_LULC": torch.zeros(2, 16, dtype=torch.bool)})
+        none = {"tok_LULC": torch.zeros(2, 16, dtype=torch.bool)}
+        hidden = model.encode({"S2L2A": s2, "tok_LULC": lulc}, visible=none)
     # an input with no visible token is the same as no input (official generation masks)
     assert torch.allclose(hidden.tokens["S2L2A"], alone.tokens["S2L2A"], atol=1e-6)
     assert not torch.allclose(both.tokens["S2L2A"], alone.tokens["S2L2A"], atol=1e-3)
