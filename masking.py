@@ -152,9 +152,13 @@ class Masking:
             raise ValueError(f"pixel entries cannot be targets: {bad}")
         if isinstance(alphas, str) and alphas not in MIXTURES:
             raise KeyError(f"unknown alpha mixture {alphas!r}; named mixtures: {', '.join(MIXTURES)}")
-        self.mixture = MIXTURES[alphas] if isinstance(alphas, str) else list(alphas)
+        mixture = MIXTURES[alphas] if isinstance(alphas, str) else list(alphas)
         self.input_budget, self.target_budget, self.grid, self.tokenize = input_budget, target_budget, grid, tokenize
         self.entries = tuple(e for e in ENTRIES if e in self.inputs or e in self.targets)
+        self.components = [  # per component: (input alphas, target alphas) over self.entries
+            (np.array([a(self.inputs).get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries]),
+             np.array([t(self.targets).get(e, 0.0) if e in self.targets else 0.0 for e in self.entries]))
+            for a, t in mixture]
 
     def _empty(self, e):
         g, kind = self.grid, entry_kind(e)
@@ -193,14 +197,10 @@ class Masking:
         if rng is None:  # per-worker torch seeds make DataLoader workers draw differently
             rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
         data = {e: self._read(sample, e) for e in self.entries}
-        n = len(self.entries)
         have = np.array([data[e] is not None for e in self.entries])
         tokens = np.array([self.grid ** 2 if entry_kind(e) != "sequence" else
                            (len(data[e]) if data[e] is not None else 0) for e in self.entries])
-        components = [(np.array([a(self.inputs).get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries]),
-                       np.array([t(self.targets).get(e, 0.0) if e in self.targets else 0.0 for e in self.entries]))
-                      for a, t in self.mixture]
-        usable = [c for c in components if (c[0] * have).any()]   # needs an input the sample has
+        usable = [c for c in self.components if (c[0] * have).any()]   # needs an input the sample has
         if not usable:
             raise ValueError(f"sample has none of the input entries its alpha mixture draws from "
                              f"(has {[e for e, h in zip(self.entries, have) if h]})")

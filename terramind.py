@@ -25,16 +25,19 @@ Public API (`from terramind import TerraMind, TerraMindConfig`):
     `Encoded.layers[i][entry]` the output of encoder block i (0-based; the last block normed, as the
     official backbone and PANGAEA take it), `Encoded.image(entry, layer)` (B, D, h, w) and
     `Encoded.merge("mean" | "concat", layer)` over the image entries (TiM / PANGAEA features).
-  * `model.logits(inputs_or_encoded, target, positions=None, prefix=None) -> (B, K, V)`:
+  * `model.logits(inputs_or_encoded, target, positions=None, prefix=None, grid=None) -> (B, K, V)`:
     image target: logits at `positions` (B, K) of the (h, w) grid (default: every position, raster order),
     queries = mask token + position, attending to each other and to the encoder (official ROAR/MaskGIT
     step); sequence target: teacher forcing on `prefix` (B, K) ids with causal self-attention, logits[:, i]
     predicts token i + 1 (official autoregressive step). Pass an `Encoded` to reuse one encoder pass.
+  * `flops_per_token(config, n_in, n_tgt)`: training FLOPs per token (for MFU); `ENTRIES`, `entry_kind`,
+    `entry_modality`, `official_key` describe the entries.
 
 Image positions: a fixed 2D sin-cos table built for `config.grid`; other grids bicubic-interpolate it, as
 the official code does (a model trained on 64 px tiles uses grid=4, official weights use 14).
 
     python terramind.py info --size tiny                                    # parameters, FLOPs per token
+    python terramind.py info --size smoke --n-in 64 --n-tgt 64
     python terramind.py convert --official TerraMind_v1_base.pt --size base --out ckpt/terramind_base.safetensors
 Training runs in pretrain.py (CPU smoke, one GPU, torchrun); this file only defines the model.
 """
@@ -548,8 +551,11 @@ class TerraMind(nn.Module):
         state, orig = dict(state), dict(state)
         config = TerraMindConfig.preset(size) if isinstance(size, str) else replace(size)
         by_key = {official_key(e): e for e in ENTRIES}
-        side = {s: [by_key[k.split(".")[1]] for k in state if k.startswith(s + "_embeddings.") and
-                    k.endswith(".mod_emb")] for s in ("encoder", "decoder")}
+        side = {s: [k.split(".")[1] for k in state if k.startswith(s + "_embeddings.") and k.endswith(".mod_emb")]
+                for s in ("encoder", "decoder")}
+        if bad := [k for k in side["encoder"] + side["decoder"] if k not in by_key]:
+            raise ValueError(f"{name}: modalities {bad} are not in terramesh.MODALITIES")
+        side = {s: [by_key[k] for k in keys] for s, keys in side.items()}
         grids = [math.isqrt(v.shape[1]) for k, v in state.items() if k.endswith("@224.pos_emb")]
         config = replace(config, inputs=tuple(side["encoder"]), targets=tuple(side["decoder"]),
                          grid=grids[0] if grids else config.grid)
@@ -611,6 +617,8 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="parameter count and training FLOPs per token of a preset")
     info.add_argument("--size", default="tiny", help="preset: " + ", ".join(PRESETS))
+    info.add_argument("--n-in", type=int, default=256, help="input tokens per sample (for the FLOP count)")
+    info.add_argument("--n-tgt", type=int, default=256, help="target tokens per sample (for the FLOP count)")
     conv = sub.add_parser("convert", help="official TerraMind_v1_<size>.pt -> our safetensors checkpoint")
     conv.add_argument("--official", required=True, help="path of the official state dict (.pt)")
     conv.add_argument("--size", required=True, help="preset the official file belongs to (tiny/small/base/large)")
@@ -620,8 +628,9 @@ def main():
         with torch.device("meta"):
             model = TerraMind(TerraMindConfig.preset(args.size))
         n = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
-        print(f"{args.size}: {n:,} parameters | {flops_per_token(model.config) / 1e6:.1f} MFLOP per token "
-              f"(training, 256 input + 256 target tokens)")
+        flops = flops_per_token(model.config, args.n_in, args.n_tgt)
+        print(f"{args.size}: {n:,} parameters | {flops / 1e6:.1f} MFLOP per token (training, {args.n_in} input + "
+              f"{args.n_tgt} target tokens)")
     else:
         model = TerraMind.from_official(args.official, args.size)
         model.save_checkpoint(args.out, source=args.official)
