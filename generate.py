@@ -1,0 +1,673 @@
+"""
+Any-to-any and chained generation with a pretrained TerraMind (paper §3.3, §4.3, eq. 4; spec §4; 4m.md §3).
+
+Consumes a TerraMind checkpoint (pretrain.py, `TerraMind.from_checkpoint`), the image tokenizers
+(fsq_tokenizer.py, `<tokenizers>/tokenizer_<MOD>.safetensors`) and, for coords and captions, a WordPiece
+JSON (text_tokenizer.py). Produces, per run, one GeoTIFF per generated image modality carrying the first
+input's georeferencing tags, a PNG sheet of inputs and outputs, and `sequences.txt` with generated coords
+and captions. `eval` produces the paper's Table 3 (MAE, RMSE, SSIM, PSNR in physical units), Table 4
+(zero-shot water IoU from the generated LULC) and the geolocation error in km.
+
+How a target is generated (targets in the user's order, each one an encoder input of the next: real chaining):
+  * image targets: MaskGIT (sample every masked token, keep the most confident) or ROAR (random order),
+    cosine or linear token schedules, any number of steps; tokens decoded so far are encoder inputs of the
+    next step; temperature constant / linear / onex, top-k, top-p, classifier-free guidance;
+  * coords, caption: autoregressive from the sentinel layout [S_1] ... [S_2], merged back at [S_1];
+  * decoding: image tokens through the tokenizers (`--diffusion-steps` DDIM steps; LULC by argmax),
+    coords to (lon, lat), captions to text, images de-standardized to physical units;
+  * tiles larger than the model's (config.grid x 16 px) run in overlapping windows (3/4 stride) whose
+    outputs are averaged with cosine weights, so window borders leave no seams (paper §11.1).
+
+Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `generate_tokens(...)`, `Sampling`.
+
+    # CPU smoke run (smoke checkpoints from pretrain.py / fsq_tokenizer.py on the synthetic world)
+    python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=data/synth/S2L2A/00005.tif \\
+        --targets LULC,S1GRD,DEM,coords --out out/gen
+    python generate.py eval --model ckpt/terramind.safetensors --tokenizers ckpt/ --data data/synth --split test \\
+        --n 64 --out out/eval
+    # one GPU: the same with --device cuda (and --batch-size 64 windows per forward pass)
+There is no multi-GPU variant: generation is inference, one process per GPU over separate files.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from contextlib import contextmanager
+import textwrap
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fsq_tokenizer import load_tokenizers, read_header, reconstruction_metrics
+from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset, destandardize, format_coords,
+                       modality, parse_coords, read_tiff, render, save_sheet, standardize, to_channels_first,
+                       write_geotiff)
+from terramind import Encoded, TerraMind, entry_kind
+from text_tokenizer import EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
+
+S_1, S_2 = sentinel_id(1), sentinel_id(2)   # 4M sequence layout: input [S_1], target [S_1] ... [S_2]
+SENTINELS = range(sentinel_id(0), sentinel_id(199) + 1)
+_IDS = {t: i for i, (t, _) in enumerate(official_added_tokens())}
+COORDS_LAYOUT = (range(_IDS["lat=-90.00"], _IDS["lat=90.00"] + 1), range(_IDS["lon=-180.00"], _IDS["lon=180.00"] + 1),
+                 range(EOS_ID, EOS_ID + 1), range(S_2, S_2 + 1))   # [S_1] lat lon [EOS] [S_2] (masking.py)
+DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "shared" / "spec" / "terramind_v1_wordpiece_30k.json"
+
+# -----------------------------------------------------------------------------------------------------------
+# Schedules (4M fourm/utils/generation.py; 4m.md §3.3-3.4)
+
+
+def cosine_schedule(steps: int, n: int) -> list[int]:
+    """Tokens per step: few at the start and the end, many in the middle; the last step takes the rest."""
+    s = [0.5 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)]
+    out = [round(n * (a - b)) for a, b in zip(s[:-1], s[1:])]
+    return out + [n - sum(out)]
+
+
+def linear_schedule(steps: int, n: int) -> list[int]:
+    """Equal shares (floor of linspace differences), largest first, trailing zeros dropped (official)."""
+    edges = np.linspace(0, n, steps + 1, dtype=int)
+    out = sorted(np.diff(edges).tolist(), reverse=True)
+    while out and out[-1] == 0:
+        out.pop()
+    return out
+
+
+def temperature_schedule(kind: str, t0: float, tokens: list[int]) -> list[float]:
+    """'constant'; 'linear': t0 times the share of tokens still masked before the step (decays to ~0);
+    'onex:{min_t}:{power}': 1/x^power decay from t0 to min_t (4M). Clipped at 1e-9 like the official code."""
+    n, done = sum(tokens), np.cumsum(tokens)
+    if kind == "constant":
+        return [t0] * len(tokens)
+    if kind == "linear":
+        return np.clip(np.concatenate([[t0], t0 * (n - done[:-1]) / n]), 1e-9, None).tolist()
+    if kind.startswith("onex:"):
+        min_t, power = (float(v) for v in kind.split(":")[1:])
+        y = 1 / np.linspace(1, 100, n) ** power
+        y = (y - y.min()) / (y.max() - y.min())
+        return np.clip([min_t + (t0 - min_t) * u * (1 - c / n) for u, c in zip(y, done)], 1e-9, None).tolist()
+    raise ValueError(f"temperature schedule must be constant, linear or onex:MIN:POWER, got {kind!r}")
+
+
+@dataclass
+class Sampling:
+    """How one target is sampled. Sequences always decode autoregressively with `temperature`, top-k, top-p."""
+    scheme: str = "roar"            # image targets: "roar" or "maskgit"
+    steps: int = 1                  # decoding steps (official TerraMindGeneration: 1)
+    schedule: str = "cosine"        # MaskGIT token schedule ("cosine"/"linear"); ROAR is always linear (4M)
+    temperature: float = 1.0        # 0 = argmax
+    temp_schedule: str = "constant"  # constant, linear or onex:MIN:POWER
+    top_k: float = 0                # int: keep k logits; float < 1: a share of the vocabulary; 0: off
+    top_p: float = 0.8              # nucleus; 0: off (official default 0.8)
+    cfg: float = 1.0                # classifier-free guidance scale; 1: no guidance pass
+    coords_layout: bool = True      # DEVIATION: coords may only be lat, lon, [EOS], [S_2], so they always parse
+
+    def tokens_per_step(self, n: int) -> list[int]:
+        if self.scheme not in ("roar", "maskgit") or self.steps < 1:
+            raise ValueError(f"scheme must be roar or maskgit with steps >= 1, got {self.scheme!r}, {self.steps}")
+        if self.scheme == "maskgit" and self.schedule == "cosine":
+            return cosine_schedule(self.steps, n)
+        return linear_schedule(self.steps, n)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Sampling tokens
+
+
+def filter_logits(logits: torch.Tensor, top_k: float = 0, top_p: float = 0.0) -> torch.Tensor:
+    """(..., V) -> the same with filtered logits at -inf: top-k, then nucleus keeping the first token over
+    top_p (official top_k_top_p_filtering, applied before the temperature)."""
+    logits = logits.clone()
+    if top_k > 0:
+        k = min(int(top_k * logits.shape[-1]) if isinstance(top_k, float) else int(top_k), logits.shape[-1])
+        logits[logits < torch.topk(logits, k)[0][..., -1:]] = -math.inf
+    if top_p > 0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        drop = F.softmax(sorted_logits, -1).cumsum(-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()
+        drop[..., 0] = False
+        logits[drop.scatter(-1, order, drop)] = -math.inf
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k=0, top_p=0.0, generator=None):
+    """logits (B, K, V) -> token ids (B, K) and their probability (B, K). Temperature 0 is argmax."""
+    if temperature < 1e-10:   # DEVIATION: official confidence at T=0 is a constant 1 (MaskGIT order arbitrary)
+        probs, ids = F.softmax(logits.float(), -1).max(-1)
+        return ids, probs
+    probs = F.softmax(filter_logits(logits.float(), top_k, top_p) / temperature, -1)
+    ids = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
+    return ids, probs.gather(-1, ids[..., None])[..., 0]
+
+
+class Timer:
+    """Seconds spent per stage (encoder passes, decoder steps, diffusion, ...) and the samples they served:
+    `with timer("encoder"): ...`."""
+
+    def __init__(self):
+        self.seconds, self.calls, self.samples = {}, {}, 0
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        self.calls[stage] = self.calls.get(stage, 0) + 1
+
+    def report(self) -> str:
+        n = max(self.samples, 1)
+        return " | ".join(f"{k} {1e3 * v / n:.1f} ms/sample ({self.calls[k]} calls)" for k, v in self.seconds.items())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Token-level generation: chained targets (paper eq. 4)
+
+
+def _unconditional(state: dict, cond: list) -> dict:
+    """The CFG unconditional inputs (4M): conditioning images removed, conditioning sequences emptied to [S_1]."""
+    out = {}
+    for e, t in state.items():
+        if e not in cond:
+            out[e] = t
+        elif entry_kind(e) == "sequence":
+            out[e] = torch.full((t.shape[0], 1), S_1, dtype=torch.long, device=t.device)
+    return out
+
+
+def _encode(model, inputs, visible, batch, timer) -> Encoded:
+    if not inputs:   # nothing left (unconditional pass): the decoder cross-attends to an empty context
+        z = model.mask_token.new_zeros(batch, 0, model.config.dim)
+        return Encoded({}, {}, {}, z, z, None)
+    with timer("encoder"):
+        return model.encode(inputs, visible=visible)
+
+
+def next_token_logits(model, enc: Encoded, target: str, prefix: torch.Tensor) -> torch.Tensor:
+    """TerraMind.logits of a sequence target (causal decoder on `prefix` (B, K)) with the output head applied
+    to the last position only -> (B, 1, V): the head over all K positions would dominate the step."""
+    K = prefix.shape[1]
+    y = model.target_emb[target](prefix) + (model.pos_seq[:K] + model.mod_emb[target])             # (B, K, D)
+    y = model.forward_decoder(y, enc, torch.ones(K, K, dtype=torch.bool, device=y.device).tril())
+    return F.linear(y[:, -1:], model.target_emb[target].weight)                                     # (B, 1, V)
+
+
+def _guided(model, enc, uncond, target, s: Sampling, timer, **kw) -> torch.Tensor:
+    """Decoder logits, with classifier-free guidance when there is an unconditional pass (4M:
+    l_uncond + scale * (l_cond - l_uncond))."""
+    f = (lambda e: next_token_logits(model, e, target, kw["prefix"])) if "prefix" in kw else \
+        (lambda e: model.logits(e, target, **kw))
+    with timer("decoder"):
+        logits, u = f(enc), None if uncond is None else f(uncond)
+        return logits if u is None else u + s.cfg * (logits - u)
+
+
+def _image_target(model, state, cond, target, grid, s: Sampling, generator, timer, known=None) -> torch.Tensor:
+    """MaskGIT / ROAR decoding of one image target -> token ids (B, h, w). `known` (ids, mask) (B, h, w): tokens
+    fixed beforehand (overlaps of neighbouring windows), encoder inputs from the first step."""
+    B, (h, w) = next(iter(state.values())).shape[0], grid
+    N, dev = h * w, model.mask_token.device
+    ids = torch.zeros(B, N, dtype=torch.long, device=dev)
+    done = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    kid, kmask = (known[0].flatten(1), known[1].flatten(1)) if known is not None else (ids, done.clone())
+    counts = s.tokens_per_step(N)
+    feed = target in model.config.inputs     # decoded tokens re-enter through the encoder (4M)
+    enc = uncond = None
+    for n, temp in zip(counts, temperature_schedule(s.temp_schedule, s.temperature, counts)):
+        if enc is None or feed:
+            extra = ({target: torch.where(kmask, kid, ids).view(B, h, w)}, {target: done | kmask}) if feed else ({}, None)
+            enc = _encode(model, {**state, **extra[0]}, extra[1], B, timer)
+            if s.cfg != 1.0:
+                uncond = _encode(model, {**_unconditional(state, cond), **extra[0]}, extra[1], B, timer)
+        todo = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :N - int(done[0].sum())]  # (B, M)
+        if s.scheme == "roar":   # n masked positions in random order, all kept
+            order = torch.rand(todo.shape, generator=generator, device=dev).argsort(1)[:, :n]
+            pos = todo.gather(1, order)                                                 # (B, n)
+            tok, _ = sample(_guided(model, enc, uncond, target, s, timer, positions=pos, grid=grid),
+                            temp, s.top_k, s.top_p, generator)
+        else:                    # every masked position sampled, the n most confident kept
+            tok, conf = sample(_guided(model, enc, uncond, target, s, timer, positions=todo, grid=grid),
+                               temp, s.top_k, s.top_p, generator)
+            keep = conf.topk(n, dim=1).indices
+            pos, tok = todo.gather(1, keep), tok.gather(1, keep)
+        ids.scatter_(1, pos, tok)
+        done.scatter_(1, pos, True)
+    return torch.where(kmask, kid, ids).view(B, h, w)
+
+
+def merge_span(ids: list[int]) -> list[int]:
+    """The tokens the decoder wrote for the span [S_1] (official merge_span_masking of input [S_1])."""
+    out, current = [], None
+    for t in ids:
+        if t in SENTINELS:
+            current = t
+        elif current == S_1:
+            out.append(t)
+    return out
+
+
+def _sequence_target(model, state, cond, target, s: Sampling, generator, timer) -> torch.Tensor:
+    """Autoregressive decoding from [S_1] until every row wrote [S_2] -> ids (B, L), [PAD]-padded."""
+    B, dev = next(iter(state.values())).shape[0], model.mask_token.device
+    enc = _encode(model, state, None, B, timer)   # state holds the [S_1] prompt (see generate_tokens)
+    uncond = _encode(model, _unconditional(state, cond), None, B, timer) if s.cfg != 1.0 else None
+    out = torch.full((B, 1), S_1, dtype=torch.long, device=dev)
+    for i in range(MODALITIES[target].max_length - 1):   # official: the target holds max_length - 1 tokens
+        logits = _guided(model, enc, uncond, target, s, timer, prefix=out)                  # (B, 1, V)
+        if target == "coords" and s.coords_layout:     # token i must be of the i-th kind of the layout
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev)
+            allowed[COORDS_LAYOUT[i].start:COORDS_LAYOUT[i].stop] = True
+            logits = logits.masked_fill(~allowed, -math.inf)
+        tok, _ = sample(logits, s.temperature, s.top_k, s.top_p, generator)
+        out = torch.cat([out, tok], 1)
+        if bool((out == S_2).any(1).all()):
+            break
+    rows = [merge_span(r) for r in out.tolist()]
+    L = max(1, max(map(len, rows)))
+    return torch.tensor([r + [PAD_ID] * (L - len(r)) for r in rows], dtype=torch.long, device=dev)
+
+
+@torch.no_grad()
+def generate_tokens(model: TerraMind, inputs: dict, targets: list, sampling: Sampling | dict | None = None,
+                    generator=None, grid=None, timer: Timer | None = None, known: dict | None = None) -> dict:
+    """inputs {entry: tensor} as TerraMind.encode takes them; targets: token entries ("tok_LULC", "coords",
+    ...) generated in this order, each one added to the inputs of the next (chained generation, eq. 4).
+    `sampling`: one Sampling or {target: Sampling}; `known`: {image target: (ids, mask) (B, h, w)} tokens
+    fixed beforehand. Returns {target: ids (B, h, w) or (B, L)}."""
+    if not inputs:
+        raise ValueError("generation needs at least one input")
+    state, cond, out, timer = dict(inputs), list(inputs), {}, timer or Timer()
+    B, dev = next(iter(inputs.values())).shape[0], model.mask_token.device
+    for t in targets:   # official: every sequence target's [S_1] prompt is an encoder input from the start
+        if entry_kind(t) == "sequence" and t in model.config.inputs and t not in state:
+            state[t] = torch.full((B, 1), S_1, dtype=torch.long, device=dev)
+    if grid is None:
+        e, t = next(((e, t) for e, t in inputs.items() if entry_kind(e) != "sequence"), (None, None))
+        grid = (model.config.grid,) * 2 if e is None else \
+            (t.shape[-2] // PATCH, t.shape[-1] // PATCH) if entry_kind(e) == "pixels" else tuple(t.shape[-2:])
+    for target in targets:
+        s = (sampling.get(target, Sampling()) if isinstance(sampling, dict) else sampling) or Sampling()
+        if target in inputs:
+            raise ValueError(f"{target} is both an input and a target")
+        if entry_kind(target) == "sequence":
+            out[target] = _sequence_target(model, state, cond, target, s, generator, timer)
+        else:
+            out[target] = _image_target(model, state, cond, target, grid, s, generator, timer, (known or {}).get(target))
+        if target in model.config.inputs:   # DEVIATION (official snapshot): the next target is conditioned on it
+            state[target] = out[target]
+            cond.append(target)                # official cfg_grow_conditioning
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Modalities <-> entries, decoding, large tiles
+
+
+def target_entry(name: str) -> str:
+    m = MODALITIES.get(name)
+    if m is None or (m.kind == "image" and not m.token_key):
+        raise ValueError(f"cannot generate {name!r}; targets: "
+                         f"{', '.join(k for k, v in MODALITIES.items() if v.token_key)}")
+    return name if m.kind == "sequence" else "tok_" + name
+
+
+def to_entries(model, tokenizers, inputs: dict, timer: Timer) -> dict:
+    """{modality: standardized (B, C, H, W) | LULC (B, H, W) | ids (B, L)} -> model entries: pixels where the
+    model has a patch embedding, else tokens from the image tokenizer."""
+    out = {}
+    for name, x in inputs.items():
+        if MODALITIES[name].kind == "sequence" or name in model.config.inputs:   # pixels (LULC never is)
+            out[name] = x
+        elif "tok_" + name in model.config.inputs and name in tokenizers:
+            with timer("tokenizer encoder"):
+                out["tok_" + name] = tokenizers[name].encode(x)
+        else:
+            raise ValueError(f"input {name}: the model has no pixel embedding for it and there is no "
+                             f"{name} tokenizer with a tok_{name} embedding")
+    return out
+
+
+def decode_image(name, tokens, tokenizer, steps, generator, timer: Timer) -> torch.Tensor:
+    """Token ids (B, h, w) -> standardized image (B, C, H, W), or LULC class probabilities (B, 10, H, W)."""
+    with timer("diffusion" if name != "LULC" else "LULC decoder"):
+        x = tokenizer.decode(tokens, steps=steps, generator=generator)
+    return F.softmax(x.float(), 1) if name == "LULC" else x
+
+
+def decode_sequence(name, ids, text_tokenizer) -> list:
+    """(B, L) ids -> [(lon, lat), or None when malformed] for coords, [text] for captions."""
+    if name == "coords":
+        with warnings.catch_warnings(action="ignore"):   # malformed rows are NaN, here None
+            return [None if math.isnan(c[0]) else tuple(c) for c in text_tokenizer.decode_coords_batch(ids).tolist()]
+    rows = [[t for t in r if t != PAD_ID] for r in ids.tolist()]
+    return [text_tokenizer.decode(r[:r.index(EOS_ID)] if EOS_ID in r else r, skip_special_tokens=True).strip()
+            for r in rows]
+
+
+def window_starts(size: int, tile: int) -> list[int]:
+    """Window offsets covering [0, size) with tile-wide windows at a 3/4-tile stride rounded to whole patches
+    (official notebook: crop 256, stride 192), so the token grids of overlapping windows line up."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, max(PATCH, tile * 3 // 4 // PATCH * PATCH)))
+    return starts + [size - tile] if starts[-1] != size - tile else starts
+
+
+def blend_weight(h: int, w: int, overlap: tuple) -> torch.Tensor:
+    """(h, w) weights of a window overlapped by its neighbours by `overlap` (rows, cols) pixels: ~0 over the
+    outer 3/8 of the overlap (tokenizer decoders are least reliable at tile borders), then a linear ramp to 1,
+    so overlapping weights cross-fade and sum to 1. The 1e-3 floor keeps image borders, covered once."""
+    def ramp(n, o):
+        i, m = torch.arange(n) + 0.5, 3 * o // 8
+        return ((torch.minimum(i, n - i) - m) / max(o - 2 * m, 1)).clamp(1e-3, 1)
+    return ramp(h, overlap[0])[:, None] * ramp(w, overlap[1])[None]
+
+
+@torch.no_grad()
+def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sampling=None,
+             text_tokenizer: WordPieceTokenizer | None = None, diffusion_steps: int = 10, seed: int = 0,
+             standardized: bool = False, batch_size: int = 16, timer: Timer | None = None) -> dict:
+    """Any-to-any chained generation for notebooks and the command line.
+
+    inputs {modality: value}: images (C, H, W) or (B, C, H, W) in physical units (standardized ones if
+    `standardized`), LULC class maps (H, W) / (B, H, W), coords (lon, lat) or 'lat=.. lon=..', captions as
+    text (lists of those for a batch). targets: modality names in chaining order ("LULC", "DEM", "coords").
+    Returns {modality: images (B, C, H, W) in physical units (standardized if `standardized`), LULC class maps
+    (B, H, W) int64, coords [(lon, lat) | None], captions [str]}. Inputs larger than the model's tile are
+    generated in overlapping windows, blended; sequences come from the window at the tile centre."""
+    dev, tgt, timer = model.mask_token.device, [target_entry(t) for t in targets], timer or Timer()
+    generator = torch.Generator(dev).manual_seed(seed)
+    if text_tokenizer is None and any(modality(t).kind == "sequence" for t in [*targets, *inputs]):
+        raise ValueError("coords / caption inputs or targets need a text tokenizer (--text-tokenizer)")
+    if missing := [t for t in targets if MODALITIES[t].kind == "image" and t not in tokenizers]:
+        raise ValueError(f"no tokenizer to decode {missing} (tokenizers: {sorted(tokenizers)})")
+    images, seqs = {}, {}
+    for name, x in inputs.items():
+        if (m := modality(name)).kind == "sequence":
+            rows = [x] if isinstance(x, (str, tuple)) else list(x)
+            ids = [text_tokenizer.encode_coords(*(parse_coords(r) if isinstance(r, str) else r)) if name == "coords"
+                   else text_tokenizer.encode(r)[:m.max_length - 1] + [EOS_ID] for r in rows]
+            L = max(map(len, ids))
+            seqs[name] = torch.tensor([r + [PAD_ID] * (L - len(r)) for r in ids], device=dev)
+            continue
+        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device=dev)
+        x = x[None] if x.dim() == (2 if name == "LULC" else 3) else x
+        images[name] = x.long() if name == "LULC" else (x.float() if standardized else standardize(name, x.float()))
+    B = next(iter({**images, **seqs}.values())).shape[0]
+    if images:
+        H, W = next(iter(images.values())).shape[-2:]
+        if any(v.shape[-2:] != (H, W) for v in images.values()):
+            raise ValueError(f"image inputs differ in size: { {k: tuple(v.shape[-2:]) for k, v in images.items()} }")
+        pad = (-H % PATCH, -W % PATCH)   # reflect-pad to whole patches, cropped again at the end
+        images = {k: F.pad(v[:, None].float() if k == "LULC" else v, (0, pad[1], 0, pad[0]), mode="reflect")
+                  .squeeze(1).to(v.dtype) if any(pad) else v for k, v in images.items()}
+        Hp, Wp = H + pad[0], W + pad[1]
+    else:
+        H = W = Hp = Wp = model.config.grid * PATCH
+    tile = model.config.grid * PATCH
+    wins = [(r, c) for r in window_starts(Hp, tile) for c in window_starts(Wp, tile)]
+    th, tw = min(tile, Hp), min(tile, Wp)
+    centre = min(range(len(wins)), key=lambda k: (2 * wins[k][0] + th - Hp) ** 2 + (2 * wins[k][1] + tw - Wp) ** 2)
+    if all(MODALITIES[t].kind == "sequence" for t in targets):   # sequences only need the centre window
+        wins, centre = [wins[centre]], 0
+    acc, out, grid = {}, {}, (th // PATCH, tw // PATCH)
+    steps = [window_starts(n, tile)[:2] for n in (Hp, Wp)]   # overlap = tile - stride, 0 for a single window
+    weight = blend_weight(th, tw, [t - (s[1] - s[0]) if len(s) > 1 else 0 for t, s in zip((th, tw), steps)]).to(dev)
+    last_image = max((i + 1 for i, t in enumerate(targets) if MODALITIES[t].kind == "image"), default=0)
+    split = len(targets) if len(wins) == 1 else last_image   # trailing sequences: the centre window's chain only
+    waves = []   # windows in waves of non-overlapping ones; a window's overlap tokens come from earlier waves
+    for win in wins:
+        wave = next((v for v in waves if all(abs(win[0] - r) >= th or abs(win[1] - c) >= tw for r, c in v)), None)
+        wave.append(win) if wave is not None else waves.append([win])
+    canvas = {e: [torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.long, device=dev),
+                  torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.bool, device=dev)] for e in tgt[:split]
+              if entry_kind(e) == "tokens"}   # DEVIATION: token grids shared by overlapping windows
+    per, bar = max(1, batch_size // B), tqdm(total=len(wins), desc="windows", disable=len(wins) <= 1, leave=False)
+    cell = lambda r, c: (slice(None), slice(r // PATCH, r // PATCH + grid[0]), slice(c // PATCH, c // PATCH + grid[1]))  # noqa: E731
+    for chunk in (wave[k:k + per] for wave in waves for k in range(0, len(wave), per)):
+        crop = {n: torch.cat([v[..., r:r + th, c:c + tw] for r, c in chunk]) for n, v in images.items()}
+        entries = to_entries(model, tokenizers, {**crop, **{n: v.repeat(len(chunk), 1) for n, v in seqs.items()}},
+                             timer)
+        cells = [cell(r, c) for r, c in chunk]
+        known = {e: [torch.cat([t[k] for k in cells]) for t in canvas[e]] for e in canvas}
+        tokens = generate_tokens(model, entries, tgt[:split], sampling, generator, grid, timer, known)
+        bar.update(len(chunk))
+        for name, e in zip(targets[:split], tgt[:split]):
+            if MODALITIES[name].kind == "sequence":
+                if wins[centre] in chunk:
+                    i = chunk.index(wins[centre])
+                    out[name] = decode_sequence(name, tokens[e][i * B:(i + 1) * B], text_tokenizer)
+                continue
+            for i, k in enumerate(cells):
+                canvas[e][0][k], canvas[e][1][k] = tokens[e][i * B:(i + 1) * B], True
+            x = decode_image(name, tokens[e], tokenizers[name], diffusion_steps, generator, timer)
+            if name not in acc:
+                acc[name] = torch.zeros(B, x.shape[1], Hp, Wp, device=dev)
+                acc[name + ".w"] = torch.zeros(Hp, Wp, device=dev)
+            for i, (r, c) in enumerate(chunk):
+                acc[name][..., r:r + th, c:c + tw] += x[i * B:(i + 1) * B] * weight
+                acc[name + ".w"][r:r + th, c:c + tw] += weight
+    bar.close()
+    if split < len(targets):   # the centre window again, its image tokens all known from the canvas
+        r, c = wins[centre]
+        crop = {n: v[..., r:r + th, c:c + tw] for n, v in images.items()}
+        tokens = generate_tokens(model, to_entries(model, tokenizers, {**crop, **seqs}, timer), tgt, sampling,
+                                 generator, grid, timer, {e: [t[cell(r, c)] for t in canvas[e]] for e in canvas})
+        out.update({n: decode_sequence(n, tokens[e], text_tokenizer) for n, e in zip(targets[split:], tgt[split:])})
+    for name in targets:
+        if name in acc:
+            x = (acc[name] / acc[name + ".w"])[..., :H, :W]
+            out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
+    timer.samples += B
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Zero-shot tasks, evaluation (paper Tables 3 and 4) and files
+
+
+def water_iou(lulc: torch.Tensor, label: torch.Tensor) -> tuple[int, int]:
+    """Generated LULC water class vs a water label (1 water, 0 not, -1 ignored) -> (intersection, union)."""
+    ok = label >= 0
+    p, t = (lulc == WATER) & ok, (label == 1) & ok
+    return int((p & t).sum()), int((p | t).sum())
+
+
+def haversine_km(a, b) -> float:
+    """Great-circle distance between (lon, lat) points in km (Earth radius 6371 km)."""
+    (lo1, la1), (lo2, la2) = (map(math.radians, p) for p in (a, b))
+    h = math.sin((la2 - la1) / 2) ** 2 + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(min(1.0, h)))
+
+
+def read_input(name: str, value):
+    """A --input value -> (physical array or text, georeferencing tags or None). Images: a GeoTIFF path;
+    coords / caption: a .txt path or the text itself. S1 no-data (NaN) becomes the band mean, with a warning."""
+    m = MODALITIES.get(name)
+    if m is None:
+        raise ValueError(f"--input {name}=...: unknown modality; known: {', '.join(MODALITIES)}")
+    if m.kind == "sequence":
+        text = Path(value).read_text(encoding="utf-8").strip() if Path(value).is_file() else value
+        return (parse_coords(text, value) if name == "coords" else text), None
+    x, geo = read_tiff(value)
+    x = to_channels_first(x, m.channels, value)
+    if name == "LULC":
+        return x[0].astype(np.int64), geo
+    if np.isnan(x := x.astype(np.float32)).any():
+        warnings.warn(f"{value}: {int(np.isnan(x).sum())} NaN pixels replaced by the {name} band mean")
+        x = np.where(np.isnan(x), np.asarray(m.mean, np.float32)[:, None, None], x)
+    return x, geo
+
+
+def load_stack(args):
+    """Model, tokenizers and the WordPiece vocabulary (--text-tokenizer, else the one the checkpoint was
+    pretrained with, else the official v1 one)."""
+    model = TerraMind.from_checkpoint(args.model, args.device).eval()
+    text = args.text_tokenizer or read_header(args.model).get("run", {}).get("text_tokenizer") or DEFAULT_TEXT
+    text = WordPieceTokenizer.from_file(text) if Path(text).exists() else None
+    return model, load_tokenizers(args.tokenizers, device=args.device), text
+
+
+def markdown(header: list, rows: list) -> str:
+    return "".join("| " + " | ".join(map(str, r)) + " |\n" for r in [header, ["---"] * len(header), *rows])
+
+
+def run_generate(args):
+    model, tokenizers, text = load_stack(args)
+    inputs, geo = {}, None
+    for item in args.input:
+        name, _, value = item.partition("=")
+        inputs[name], g = read_input(name, value)
+        geo = geo or g
+    targets, timer = [t for t in args.targets.split(",") if t], Timer()
+    t0 = time.perf_counter()
+    out = generate(model, tokenizers, inputs, targets, args.sampling, text, args.diffusion_steps,
+                   args.seed, batch_size=args.batch_size, timer=timer)
+    wall, folder = time.perf_counter() - t0, Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    panels = [(n, render(n, x)) for n, x in inputs.items() if MODALITIES[n].kind == "image"]
+    lines = [f"input {n}: {format_coords(*x) if n == 'coords' else x}" for n, x in inputs.items()
+             if MODALITIES[n].kind == "sequence"]
+    for name in targets:
+        x = out[name][0]
+        if MODALITIES[name].kind == "sequence":
+            lines.append(f"{name}: " + (format_coords(*x) if name == "coords" and x else str(x)))
+            continue
+        write_geotiff(folder / f"{name}.tif", x.cpu().numpy().astype(np.uint8 if name == "LULC" else np.float32), geo)
+        panels.append((f"gen {name}", render(name, x)))
+    (folder / "sequences.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    save_sheet(folder / "sheet.png", panels, lines=[s for ln in lines for s in textwrap.wrap(ln, 100)])
+    print(f"generated {', '.join(targets)} from {', '.join(inputs)} in {wall:.2f} s -> {folder}")
+    print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
+
+
+def run_eval(args):
+    model, tokenizers, text = load_stack(args)
+    sampling, timer, root, out_dir = args.sampling, Timer(), Path(args.data), Path(args.out)
+    ds = TerraMeshDataset(root, split=args.split if (root / "splits").is_dir() else None, size=None,
+                          labels=args.labels if (root / args.labels).is_dir() else None)
+    samples = [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table3, lulc, water, geo = [], [], {}, []
+    for pair in args.pairs.split(","):
+        src, dst = pair.split(":")
+        have = [s for s in samples if all(m in s for m in src.split("+") + [dst])]
+        if not have or (dst != "coords" and dst not in tokenizers):
+            continue
+        gen, truth = [], []
+        for k in tqdm(range(0, len(have), args.batch_size), desc=pair, leave=False):
+            batch = have[k:k + args.batch_size]
+            inp = {m: [parse_coords(s[m]) for s in batch] if m == "coords" else torch.stack([s[m] for s in batch])
+                   for m in src.split("+")}
+            gen.append(generate(model, tokenizers, inp, [dst], sampling, text, args.diffusion_steps, args.seed,
+                                standardized=True, batch_size=args.batch_size, timer=timer)[dst])
+            truth.append([parse_coords(s[dst]) for s in batch] if dst == "coords" else
+                         torch.stack([s[dst] for s in batch]))
+            if k == 0 and dst != "coords" and args.pictures > 0:   # first sample: inputs | generated | truth
+                args.pictures -= 1
+                save_sheet(out_dir / f"{src.replace('+', '_')}_to_{dst}.png",
+                           [(m, render(m, v[0], True)) for m, v in inp.items() if m != "coords"] +
+                           [(f"{k} {dst}", render(dst, v[-1][0], True)) for k, v in (("gen", gen), ("true", truth))])
+        name = f"{src} → {dst}"
+        if dst == "coords":
+            km = [haversine_km(g, t) for g, t in zip(sum(gen, []), sum(truth, [])) if g is not None]
+            geo.append([name, f"{len(km)}/{len(have)}", f"{np.mean(km):.0f}" if km else "-",
+                        f"{np.median(km):.0f}" if km else "-"])
+        elif dst == "LULC":
+            gen, truth = torch.cat(gen), torch.cat(truth)
+            m = reconstruction_metrics("LULC", truth, F.one_hot(gen, len(LULC_CLASSES)).permute(0, 3, 1, 2).float())
+            majority = (truth == torch.bincount(truth.flatten()).argmax()).double().mean()
+            lulc.append([name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
+            label = torch.stack([s[args.labels] if args.labels in s else (s["LULC"] == WATER).long() for s in have])
+            water[src] = water_iou(gen, label)
+        else:
+            m = reconstruction_metrics(dst, torch.cat(truth), torch.cat(gen))
+            table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
+    if args.sen1floods11:
+        sen1floods11(args, model, tokenizers, text, sampling, timer, water, geo)
+    report = (f"## Generation (paper Table 3 layout): {root}, {len(samples)} samples, {args.scheme} "
+              f"{args.steps} step(s), T {args.temperature}, {args.diffusion_steps} diffusion steps\n\n"
+              + markdown(["Input → Output", "MAE", "RMSE", "SSIM", "PSNR"], table3)
+              + "\nPhysical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground truth's.\n\n"
+              + markdown(["Input → LULC", "pixel acc", "mIoU", "majority-class acc"], lulc))
+    report += "\n## Zero-shot water mapping (paper Table 4 layout)\n\n" + markdown(
+        ["Model", "Input", "Type", "IoU water"],
+        [[Path(args.model).name, k, "zero-shot", f"{100 * i / max(u, 1):.1f}"] for k, (i, u) in water.items()])
+    report += "\n## Geolocation\n\n" + markdown(["Input → coords", "parsed", "mean km", "median km"], geo)
+    report += f"\nTime per sample ({args.device}): {timer.report()}\n"
+    (out_dir / "eval.md").write_text(report, encoding="utf-8")
+    print(report)
+
+
+def sen1floods11(args, model, tokenizers, text, sampling, timer, water, geo):
+    """Sen1Floods11 chips (S1Hand -> S1GRD, S2Hand L1C -> S2L1C, LabelHand), whole 512 px chips through the
+    windowed generator: water IoU of the generated LULC; coords vs the chip centre (EPSG:4326 tags)."""
+    root, acc = Path(args.sen1floods11), {}
+    for label_path in sorted((root / "Labels").glob("*_LabelHand.tif")):
+        chip = label_path.name.removesuffix("_LabelHand.tif")
+        s1, tags = read_input("S1GRD", root / "S1" / f"{chip}_S1Hand.tif")
+        s2, _ = read_input("S2L1C", root / "S2" / f"{chip}_S2Hand.tif")
+        label = torch.as_tensor(read_tiff(label_path)[0].astype(np.int64))[None]
+        for src in ("S1GRD", "S2L1C", "S1GRD+S2L1C"):
+            inp = {m: {"S1GRD": s1, "S2L1C": s2}[m] for m in src.split("+")}
+            lulc = generate(model, tokenizers, inp, ["LULC"], sampling, text, args.diffusion_steps, args.seed,
+                            batch_size=args.batch_size, timer=timer)["LULC"]
+            i, u = water_iou(lulc.cpu(), label)
+            acc[src] = (acc.get(src, (0, 0))[0] + i, acc.get(src, (0, 0))[1] + u)
+        if text is not None and "coords" in model.config.targets and 33922 in tags:
+            c = generate(model, tokenizers, {"S2L1C": s2}, ["coords"], sampling, text, seed=args.seed)["coords"][0]
+            h, w = label.shape[-2:]   # chip centre from the tie point and the pixel size
+            centre = (tags[33922][3] + w / 2 * tags[33550][0], tags[33922][4] - h / 2 * tags[33550][1])
+            km = f"{haversine_km(c, centre):.0f}" if c else "-"
+            geo.append([f"S2L1C → coords ({chip})", f"{int(c is not None)}/1", km, km])
+    water.update({f"{k} (Sen1Floods11)": v for k, v in acc.items()})
+
+
+def main():
+    import sys
+    evaluate = len(sys.argv) > 1 and sys.argv[1] == "eval"
+    parser = argparse.ArgumentParser(prog="generate.py eval" if evaluate else None,
+                                     description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--model", required=True, help="TerraMind checkpoint (pretrain.py)")
+    parser.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
+    parser.add_argument("--text-tokenizer", default=None, help="WordPiece JSON for coords / captions (default: "
+                        "<tokenizers>/text_tokenizer.json, else the official v1 vocabulary)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--scheme", default="roar", choices=["roar", "maskgit"], help="image decoding scheme")
+    parser.add_argument("--steps", type=int, default=1, help="decoding steps per image target (official: 1)")
+    parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="MaskGIT token schedule")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: argmax)")
+    parser.add_argument("--temp-schedule", default="constant", help="constant, linear or onex:MIN:POWER")
+    parser.add_argument("--top-k", type=float, default=0, help="top-k filter (integer k, or a share < 1; 0: off)")
+    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus filter (0: off)")
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--diffusion-steps", type=int, default=10, help="DDIM steps of the tokenizer decoders")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows x samples per forward pass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator behind all sampling")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    if evaluate:
+        parser.add_argument("--data", required=True, help="TerraMesh-layout folder with ground truth")
+        parser.add_argument("--split", default="test", help="split (all samples when the folder has none)")
+        parser.add_argument("--n", type=int, default=64, help="number of samples")
+        parser.add_argument("--pairs", default="S2L2A:S1GRD,S2L2A:S1RTC,S2L2A:DEM,S2L2A:NDVI,S2L2A:LULC,S1GRD:S2L2A,"
+                            "S1RTC:S2L2A,S1GRD:DEM,S1GRD:NDVI,S1GRD:LULC,S2L2A:coords",
+                            help="input(+input):output pairs; pairs the data or tokenizers lack are skipped")
+        parser.add_argument("--labels", default="label_water", help="water label folder (else: LULC water)")
+        parser.add_argument("--sen1floods11", default=None, help="Sen1Floods11 folder (S1/, S2/, Labels/)")
+        parser.add_argument("--pictures", type=int, default=4, help="picture sheets to write")
+    else:
+        parser.add_argument("--input", action="append", required=True, help="MOD=path (or coords/caption text)")
+        parser.add_argument("--targets", required=True, help="comma-separated modalities, generated in order")
+    args = parser.parse_args(sys.argv[2:] if evaluate else sys.argv[1:])
+    k = int(args.top_k) if args.top_k >= 1 or args.top_k == 0 else args.top_k   # an int k, or a share < 1
+    args.sampling = Sampling(args.scheme, args.steps, args.schedule, args.temperature, args.temp_schedule, k,
+                             args.top_p, args.cfg)
+    (run_eval if evaluate else run_generate)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""generate.py: parity with the official sampler (random-weight fixtures), schedules and filters against the
+official functions, and behaviour on a model trained on the synthetic world."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from generate import (Sampling, blend_weight, cosine_schedule, filter_logits, generate_tokens, haversine_km,
+                      linear_schedule, merge_span, temperature_schedule, water_iou, window_starts)
+from terramesh import load_safetensors
+from terramind import TerraMind, TerraMindConfig
+
+FIX = Path(__file__).resolve().parent / "fixtures"
+ARGMAX = Sampling(steps=1, temperature=0.0)
+OFFICIAL = Sampling(steps=1, temperature=0.0, coords_layout=False)   # upstream decodes coords freely
+
+
+@pytest.fixture(scope="module")
+def official():
+    expect, meta = load_safetensors(FIX / "generate_official.safetensors")
+    batch, _ = load_safetensors(FIX / "terramind" / "batch.safetensors")
+    data = {e: batch[f"inputs.{e}"] if f"inputs.{e}" in batch else batch[f"batch.{e}"].float()
+            for e in meta["image_inputs"]}
+    models = {}
+    for name in ("gelu224", "swiglu64"):
+        t, m = load_safetensors(FIX / "terramind" / f"official_{name}.safetensors")
+        state = {k[6:]: v.float() for k, v in t.items() if k.startswith("state.")}
+        models[name] = TerraMind.from_official(state, TerraMindConfig(**m["config"])).eval()
+    return expect, meta, data, models
+
+
+@pytest.mark.parametrize("variant", ["gelu224", "swiglu64"])
+def test_official_parity_argmax_single_step(official, variant):
+    expect, meta, data, models = official
+    model = models[variant]
+    for target in meta["image_targets"]:
+        for scheme in ("roar", "maskgit"):
+            out = generate_tokens(model, data, [target], Sampling(scheme, 1, temperature=0.0))[target]
+            assert torch.equal(out.flatten(1), expect[f"{variant}.{scheme}.{target}"].long()), (scheme, target)
+    for target, inputs in (("coords", ("S2L2A", "tok_DEM")), ("caption", ("S2L2A", "S1GRD"))):
+        out = generate_tokens(model, {e: data[e] for e in inputs}, [target], OFFICIAL)[target]
+        ref = expect[f"{variant}.ar.{target}"].long()
+        assert torch.equal(out[:, :ref.shape[1]], ref) and not out[:, ref.shape[1]:].any(), target
+    chain = generate_tokens(model, {e: data[e] for e in ("S2L2A", "S1GRD")}, ["tok_LULC", "tok_NDVI", "coords"], OFFICIAL)
+    for target, out in chain.items():
+        ref = expect[f"{variant}.chain.{target}"].long()
+        assert torch.equal(out.flatten(1)[:, :ref.shape[1]], ref), target
+
+
+def test_schedules_and_filters_match_official():
+    expect, meta = load_safetensors(FIX / "generate_official.safetensors")
+    for s, n in meta["schedule_cases"]:
+        lin = linear_schedule(s, n)
+        assert cosine_schedule(s, n) == expect[f"schedule.cosine.{s}.{n}"].tolist()
+        assert lin == expect[f"schedule.linear.{s}.{n}"].tolist()
+        assert torch.allclose(torch.tensor(temperature_schedule("linear", 2.0, lin), dtype=torch.float64),
+                              expect[f"temp.linear.{s}.{n}"])
+        assert torch.allclose(torch.tensor(temperature_schedule("onex:0.5:0.5", 6.0, lin), dtype=torch.float64),
+                              expect[f"temp.onex.{s}.{n}"])
+    assert cosine_schedule(8, 196) == [7, 21, 32, 38, 38, 32, 21, 7]       # 4m.md §3.3
+    for k, p in meta["filters"]:
+        assert torch.equal(filter_logits(expect["filter.logits"], k, p), expect[f"filter.k{k}.p{p}"])
+
+
+def test_small_pure_functions():
+    assert merge_span([5, 4707, 5164, 3, 6, 999]) == [4707, 5164, 3]     # [S_1] span up to the next sentinel
+    assert merge_span([5, 7, 999, 5, 4707]) == [4707]                      # [S_3] (id 7) opens another span
+    assert window_starts(512, 64)[-1] == 448 and window_starts(64, 64) == [0] and window_starts(224, 64)[:3] == [0, 48, 96]
+    w = blend_weight(64, 64, (16, 16))[32]                                 # stride 48: weights cross-fade to 1
+    assert w.min() > 0 and torch.allclose(w, w.flip(0)) and torch.allclose(w[48:] + w[:16], torch.ones(16), atol=2e-3)
+    assert abs(haversine_km((0, 0), (1, 0)) - 111.19) < 0.01                # one degree on the equator
+    assert abs(haversine_km((8.54, 47.37), (2.35, 48.86)) - 487.5) < 2      # Zurich - Paris
+    lulc, label = torch.tensor([[1, 1, 2, 1]]), torch.tensor([[1, 0, 1, -1]])
+    assert water_iou(lulc, label) == (1, 3)
+
+
+# ---- a model trained on the synthetic world (tests/conftest.py session fixtures) --------------------------
+
+@pytest.fixture(scope="module")
+def stack(pretrained, tokenizers):
+    from fsq_tokenizer import load_tokenizers
+    from terramesh import TerraMeshDataset
+    from text_tokenizer import WordPieceTokenizer
+    model = TerraMind.from_checkpoint(pretrained.checkpoint).eval()
+    test = TerraMeshDataset(pretrained.data, split="test", size=None)
+    return model, load_tokenizers(tokenizers), WordPieceTokenizer.from_file(pretrained.text_tokenizer), test
+
+
+def batch_of(ds, names, n=None):
+    samples = [ds[i] for i in range(len(ds))[:n]]
+    return {m: torch.stack([s[m] for s in samples]) for m in names}
+
+
+def test_s2l2a_to_lulc_beats_majority_class(stack):
+    from generate import generate
+    model, toks, text, test = stack
+    data = batch_of(test, ["S2L2A", "LULC"])
+    lulc = generate(model, toks, {"S2L2A": data["S2L2A"]}, ["LULC"], ARGMAX, standardized=True)["LULC"]
+    majority = torch.bincount(data["LULC"].flatten()).argmax()
+    acc, baseline = (lulc == data["LULC"]).float().mean(), (data["LULC"] == majority).float().mean()
+    assert lulc.shape == data["LULC"].shape and acc > baseline, (acc, baseline)
+
+
+def test_chaining_is_real(stack, monkeypatch):
+    model, toks, text, test = stack
+    x = {"S2L2A": batch_of(test, ["S2L2A"], 8)["S2L2A"]}
+    seen, logits = {}, model.logits
+    monkeypatch.setattr(model, "logits", lambda enc, target, **kw: seen.setdefault(target, logits(enc, target, **kw)))
+    chain = generate_tokens(model, x, ["tok_LULC", "tok_NDVI"], Sampling("maskgit", 1), torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    water = toks["LULC"].encode(torch.full((8, 64, 64), 1))          # open water instead of the generated LULC
+    with torch.no_grad():
+        given, alone, flooded = (model.logits(inp, "tok_NDVI") for inp in
+                                 ({**x, "tok_LULC": chain["tok_LULC"]}, x, {**x, "tok_LULC": water}))
+    assert torch.allclose(seen["tok_NDVI"], given, atol=1e-5)        # NDVI was conditioned on the generated LULC,
+    assert not torch.allclose(seen["tok_NDVI"], alone, atol=1e-3)    # not on the inputs alone (official snapshot)
+    assert not torch.allclose(given, flooded, atol=1e-3)             # and another LULC changes it
+
+
+@pytest.mark.parametrize("scheme,schedule", [("roar", "linear"), ("maskgit", "cosine"), ("maskgit", "linear")])
+def test_multistep_decodes_every_token_once(stack, scheme, schedule, monkeypatch):
+    model, toks, text, test = stack
+    x = {"S2L2A": batch_of(test, ["S2L2A"], 4)["S2L2A"]}
+    queried, logits = [], model.logits
+    monkeypatch.setattr(model, "logits", lambda enc, target, **kw: queried.append(kw["positions"]) or logits(enc, target, **kw))
+    s = Sampling(scheme, 5, schedule, temperature=2.0, temp_schedule="onex:0.5:0.5", top_k=40, top_p=0.9)
+    g = torch.Generator().manual_seed(0)
+    out = generate_tokens(model, x, ["tok_DEM"], s, g)["tok_DEM"]
+    counts = cosine_schedule(5, 16) if schedule == "cosine" and scheme == "maskgit" else linear_schedule(5, 16)
+    assert [q.shape[1] for q in queried] == ([16 - sum(counts[:k]) for k in range(5)] if scheme == "maskgit" else counts)
+    if scheme == "roar":   # ROAR queries disjoint positions that cover the grid
+        assert torch.equal(torch.cat(queried, 1).sort(1).values, torch.arange(16).expand(4, 16))
+    assert out.shape == (4, 4, 4) and 0 <= out.min() and out.max() < toks["DEM"].vocab_size
+    same = generate_tokens(model, x, ["tok_DEM"], s, torch.Generator().manual_seed(0))["tok_DEM"]
+    assert torch.equal(out, same)                                     # torch.Generator, no global reseeding
+    guided = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0, cfg=3.0))["tok_DEM"]
+    plain = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0))["tok_DEM"]
+    assert not torch.equal(guided, plain)                              # guidance changes the argmax
+
+
+def test_maskgit_first_step_keeps_the_most_confident_argmax(stack):
+    model, toks, text, test = stack
+    x = {"S2L2A": batch_of(test, ["S2L2A"], 4)["S2L2A"]}
+    probs = model.logits(model.encode(x), "tok_LULC").softmax(-1)        # (B, 16, V), all positions masked
+    conf, best = probs.max(-1)
+    first = conf.topk(cosine_schedule(4, 16)[0], dim=1).indices
+    out = generate_tokens(model, x, ["tok_LULC"], Sampling("maskgit", 4, temperature=0.0))["tok_LULC"].flatten(1)
+    assert torch.equal(out.gather(1, first), best.gather(1, first))
+
+
+def test_coords_and_captions_parse(stack):
+    from generate import generate
+    model, toks, text, test = stack
+    x = batch_of(test, ["S2L2A"], 8)["S2L2A"]
+    s = Sampling(temperature=1.0, top_p=0.9)
+    out = generate(model, toks, {"S2L2A": x}, ["coords", "caption"], s, text, standardized=True)
+    assert all(c is not None and -180 <= c[0] <= 180 and -90 <= c[1] <= 90 for c in out["coords"])
+    assert all(float(v * 4).is_integer() for c in out["coords"] for v in c)   # the 0.25 degree grid
+    ids = generate_tokens(model, {"S2L2A": x}, ["coords"], s, torch.Generator().manual_seed(0))["coords"]
+    assert ids.shape == (8, 3) and (ids[:, 2] == 3).all()                     # lat lon [EOS]
+    assert [text.decode_coords(r) for r in ids] == out["coords"]              # the same seed, the same draws
+    words = [c.split() for c in out["caption"]]
+    assert all(isinstance(c, str) and "[" not in c for c in out["caption"]) and sum(map(len, words)) >= 8
+
+
+def test_512_tile_is_seamless(stack, monkeypatch):
+    import generate as G
+    from terramesh import synth_sample
+    model, toks, text, test = stack
+    s2 = torch.from_numpy(synth_sample(7, 0, size=512)["S2L2A"]).permute(2, 0, 1).float()   # physical units
+    edges = sorted({c + d for c in window_starts(512, 64) for d in (0, 64)} - {0, 512})
+    inner = [c for c in range(16, 512, 16) if c not in edges]          # patch borders inside one window
+
+    def seams(x):   # column-to-column change at window borders / at ordinary patch borders, both directions
+        return [float(j[[e - 1 for e in edges]].mean() / j[[c - 1 for c in inner]].mean())
+                for j in ((x[:, 1:] - x[:, :-1]).abs().mean(0), (x[1:] - x[:-1]).abs().mean(1))]
+    out = G.generate(model, toks, {"S2L2A": s2}, ["DEM", "LULC"], ARGMAX, diffusion_steps=2, batch_size=128)
+    assert out["DEM"].shape == (1, 1, 512, 512) and out["LULC"].shape == (1, 512, 512)
+    assert max(seams(out["DEM"][0, 0])) < 1.5
+    monkeypatch.setattr(G, "blend_weight", lambda h, w, o: torch.ones(h, w))   # plain averaging shows seams
+    out = G.generate(model, toks, {"S2L2A": s2}, ["DEM"], ARGMAX, diffusion_steps=2, batch_size=128)
+    assert min(seams(out["DEM"][0, 0])) > 2
