@@ -515,6 +515,31 @@ def test_seg_command_end_to_end_with_terramind(tmp_path):
     assert f"{r['miou']:.2f}" in table.stdout
 
 
+def test_folders_and_fewshot_commands_with_terramind(tmp_path):
+    _terramind_or_skip()
+    root, rng = tmp_path / "world", np.random.default_rng(0)
+    for k in range(40):        # dominant class k % 5 + 1 (water, trees, flooded vegetation, crops, built area)
+        lulc = np.full((32, 32), k % 5 + 1, np.uint8)
+        lulc[:4] = 8 if k % 2 else 0                     # clouds / no data: not counted
+        _tif(root / "LULC" / f"{k:03d}.tif", lulc)
+        _tif(root / "S2L2A" / f"{k:03d}.tif", (np.full((32, 32, 12), 600 * (k % 5)) + rng.integers(0, 20, (32, 32, 12)))
+             .astype(np.int16))
+    (root / "splits").mkdir()
+    (root / "splits/train.txt").write_text("\n".join(f"{k:03d}" for k in range(25)))
+    (root / "splits/test.txt").write_text("\n".join(f"{k:03d}" for k in range(25, 40)))
+    py = [sys.executable, str(ROOT / "eval_pangaea.py")]
+    run = subprocess.run(py + ["folders", "--root", str(root), "--out", str(tmp_path / "classes")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "train crops                5" in run.stdout and "test  water                3" in run.stdout
+    assert len(list((tmp_path / "classes/test").glob("*/*.tif"))) == 15
+    run = subprocess.run(py + ["fewshot", "--root", str(tmp_path / "classes"), "--ways", "5", "--shots", "1", "--runs",
+                               "20", "--size", "smoke", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("| TerraMind-smoke random init |"))
+    assert float(row.split("|")[2].split("±")[0]) == 100.0          # classes differ by 600 in every band
+
+
 def test_table6_layout_and_ranks():
     t = ep.table6({"A": {"sen1floods11": 90.0, "mados": 60.0}, "B": {"sen1floods11": 80.0, "synth": 50.0}})
     lines = t.splitlines()
