@@ -51,7 +51,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, emb_dim: int):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         # index 2 is the official dropout (p=0), kept as a placeholder so that the key is out_layers.3
         self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Identity(),
@@ -143,7 +144,8 @@ class DiffusionDecoder(nn.Module):
         super().__init__()
         self.in_channels, self.patch_size = in_channels, patch_size
         emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(),
+                                        nn.Linear(emb_dim, emb_dim))
         self.model_channels = model_channels
 
         ch = model_channels * channel_mult[0]
@@ -162,7 +164,8 @@ class DiffusionDecoder(nn.Module):
                 self.input_blocks.append(EmbedSequential(Downsample(ch)))
                 skip_channels.append(ch)
                 ds *= 2
-        self.middle_block = EmbedSequential(ResBlock(ch, ch, emb_dim), AttentionBlock(ch), ResBlock(ch, ch, emb_dim))
+        self.middle_block = EmbedSequential(ResBlock(ch, ch, emb_dim), AttentionBlock(ch),
+                                            ResBlock(ch, ch, emb_dim))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):

@@ -31,7 +31,7 @@ def fixture_tokenizer(name):
 def test_fsq_is_a_bijection(levels, basis):
     fsq = FSQ(levels)
     V = fsq.vocab_size
-    assert V == torch.tensor(levels).prod() and fsq.basis.tolist() == basis
+    assert V == torch.tensor(levels).prod() and fsq.basis.flatten().tolist() == basis
     ids = torch.arange(V).view(1, V, 1)
     codes = fsq.indices_to_codes(ids)                                  # (1, 5, V, 1)
     assert torch.equal(fsq.codes_to_indices(codes), ids)
@@ -194,7 +194,7 @@ def test_train_tokenize_reconstruct_commands(tmp_path):
     ds = terramesh.TerraMeshDataset(data, ["LULC"], size=None)
     assert shards.ids == ds.ids and shards.modalities == ["LULC"]
     assert torch.equal(shards.get("LULC", ds.ids[7]), tok.encode(ds[7]["LULC"][None])[0])
-    assert shards.tokens["LULC"].dtype == torch.int16 and shards["LULC", ds.ids[0]].shape == (4, 4)
+    assert shards.tokens["LULC"].dtype == torch.int16 and shards.get("LULC", ds.ids[0]).shape == (4, 4)
     out = run("reconstruct", "--modality", "LULC", "--data", data, "--tokenizers", ckpt, "--out", tmp_path / "rec",
               "--n", 4, "--pictures", 1)
     assert "mean image" in out and (tmp_path / "rec" / "metrics_LULC.json").exists()
@@ -208,3 +208,15 @@ def test_real_tiles_tokenize_to_14x14():
     assert tokens.shape == (len(ds), 14, 14) and 0 <= tokens.min() and tokens.max() < 15360
     lulc = ImageTokenizer(TokenizerConfig.preset("smoke", "LULC"))
     assert lulc.encode(torch.stack([ds[i]["LULC"] for i in range(len(ds))])).shape == (len(ds), 14, 14)
+
+
+@pytest.mark.slow
+def test_from_official_loads_a_full_size_state_dict(tmp_path):
+    """A TerraMind_Tokenizer_LULC.pt-shaped file (official keys, random values) loads strictly and encodes."""
+    source = ImageTokenizer(TokenizerConfig.preset("official", "LULC"))
+    torch.save(source.state_dict(), tmp_path / "TerraMind_Tokenizer_LULC.pt")
+    model = ImageTokenizer.from_official(tmp_path / "TerraMind_Tokenizer_LULC.pt", "LULC")
+    x = torch.randint(0, 10, (1, 224, 224))
+    assert torch.equal(model.encode(x), source.encode(x)) and model.encode(x).shape == (1, 14, 14)
+    with pytest.raises(ValueError, match="does not fit the DEM tokenizer"):
+        ImageTokenizer.from_official(tmp_path / "TerraMind_Tokenizer_LULC.pt", "DEM")
