@@ -1,22 +1,19 @@
 """
 Any-to-any and chained generation with a pretrained TerraMind (paper §3.3, §4.3, eq. 4; spec §4; 4m.md §3).
 
-Consumes a TerraMind checkpoint (pretrain.py, `TerraMind.from_checkpoint`), the image tokenizers
-(fsq_tokenizer.py, `<tokenizers>/tokenizer_<MOD>.safetensors`) and, for coords and captions, a WordPiece
-JSON (text_tokenizer.py). Produces, per run, one GeoTIFF per generated image modality carrying the first
-input's georeferencing tags, a PNG sheet of inputs and outputs, and `sequences.txt` with generated coords
-and captions. `eval` produces the paper's Table 3 (MAE, RMSE, SSIM, PSNR in physical units), Table 4
-(zero-shot water IoU from the generated LULC) and the geolocation error in km.
+Consumes a TerraMind checkpoint (pretrain.py), the image tokenizers (fsq_tokenizer.py, `tokenizer_<MOD>.
+safetensors`) and, for coords and captions, a WordPiece JSON (text_tokenizer.py). Produces one GeoTIFF per
+generated image modality with the first input's georeferencing tags, a PNG sheet of inputs and outputs and
+`sequences.txt` (coords, captions); `eval` produces paper Table 3 (MAE, RMSE, SSIM, PSNR in physical units),
+Table 4 (zero-shot water IoU of the generated LULC) and the geolocation error in km.
 
-How a target is generated (targets in the user's order, each one an encoder input of the next: real chaining):
-  * image targets: MaskGIT (sample every masked token, keep the most confident) or ROAR (random order),
-    cosine or linear token schedules, any number of steps; tokens decoded so far are encoder inputs of the
-    next step; temperature constant / linear / onex, top-k, top-p, classifier-free guidance;
-  * coords, caption: autoregressive from the sentinel layout [S_1] ... [S_2], merged back at [S_1];
-  * decoding: image tokens through the tokenizers (`--diffusion-steps` DDIM steps; LULC by argmax),
-    coords to (lon, lat), captions to text, images de-standardized to physical units;
-  * tiles larger than the model's (config.grid x 16 px) run in overlapping windows (3/4 stride) whose
-    outputs are averaged with cosine weights, so window borders leave no seams (paper §11.1).
+Targets are generated in the user's order, each one an encoder input of the next (real chaining):
+  * images: MaskGIT (sample every masked token, keep the most confident) or ROAR (random order), cosine or
+    linear token schedules, any number of steps, decoded tokens re-entering the encoder; temperature constant
+    / linear / onex, top-k, top-p, classifier-free guidance. coords, caption: autoregressive from [S_1];
+  * decoding: tokenizers (`--diffusion-steps` DDIM steps; LULC by argmax) to physical units, coords to (lon,
+    lat), captions to text; tiles larger than the model's (config.grid x 16 px) run in overlapping windows
+    whose outputs are averaged (paper §11.1), over one shared token grid, so window borders leave no seams.
 
 Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `generate_tokens(...)`, `Sampling`.
 
@@ -32,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from contextlib import contextmanager
+import os
+import sys
 import textwrap
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,17 +64,12 @@ DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "shared" / "spec" / "ter
 def cosine_schedule(steps: int, n: int) -> list[int]:
     """Tokens per step: few at the start and the end, many in the middle; the last step takes the rest."""
     s = [0.5 * (1 + math.cos(math.pi * i / steps)) for i in range(steps)]
-    out = [round(n * (a - b)) for a, b in zip(s[:-1], s[1:])]
-    return out + [n - sum(out)]
+    return (out := [round(n * (a - b)) for a, b in zip(s[:-1], s[1:])]) + [n - sum(out)]
 
 
 def linear_schedule(steps: int, n: int) -> list[int]:
     """Equal shares (floor of linspace differences), largest first, trailing zeros dropped (official)."""
-    edges = np.linspace(0, n, steps + 1, dtype=int)
-    out = sorted(np.diff(edges).tolist(), reverse=True)
-    while out and out[-1] == 0:
-        out.pop()
-    return out
+    return [k for k in sorted(np.diff(np.linspace(0, n, steps + 1, dtype=int)).tolist(), reverse=True) if k > 0]
 
 
 def temperature_schedule(kind: str, t0: float, tokens: list[int]) -> list[float]:
@@ -110,9 +104,8 @@ class Sampling:
     def tokens_per_step(self, n: int) -> list[int]:
         if self.scheme not in ("roar", "maskgit") or self.steps < 1:
             raise ValueError(f"scheme must be roar or maskgit with steps >= 1, got {self.scheme!r}, {self.steps}")
-        if self.scheme == "maskgit" and self.schedule == "cosine":
-            return cosine_schedule(self.steps, n)
-        return linear_schedule(self.steps, n)
+        return (cosine_schedule if self.scheme == "maskgit" and self.schedule == "cosine" else linear_schedule)(
+            self.steps, n)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -138,8 +131,8 @@ def filter_logits(logits: torch.Tensor, top_k: float = 0, top_p: float = 0.0) ->
 def sample(logits: torch.Tensor, temperature: float, top_k=0, top_p=0.0, generator=None):
     """logits (B, K, V) -> token ids (B, K) and their probability (B, K). Temperature 0 is argmax."""
     if temperature < 1e-10:   # DEVIATION: official confidence at T=0 is a constant 1 (MaskGIT order arbitrary)
-        probs, ids = F.softmax(logits.float(), -1).max(-1)
-        return ids, probs
+        best = F.softmax(logits.float(), -1).max(-1)
+        return best.indices, best.values
     probs = F.softmax(filter_logits(logits.float(), top_k, top_p) / temperature, -1)
     ids = torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
     return ids, probs.gather(-1, ids[..., None])[..., 0]
@@ -148,7 +141,6 @@ def sample(logits: torch.Tensor, temperature: float, top_k=0, top_p=0.0, generat
 class Timer:
     """Seconds spent per stage (encoder passes, decoder steps, diffusion, ...) and the samples they served:
     `with timer("encoder"): ...`."""
-
     def __init__(self):
         self.seconds, self.calls, self.samples = {}, {}, 0
 
@@ -170,13 +162,8 @@ class Timer:
 
 def _unconditional(state: dict, cond: list) -> dict:
     """The CFG unconditional inputs (4M): conditioning images removed, conditioning sequences emptied to [S_1]."""
-    out = {}
-    for e, t in state.items():
-        if e not in cond:
-            out[e] = t
-        elif entry_kind(e) == "sequence":
-            out[e] = torch.full((t.shape[0], 1), S_1, dtype=torch.long, device=t.device)
-    return out
+    return {e: torch.full((t.shape[0], 1), S_1, dtype=torch.long, device=t.device) if e in cond else t
+            for e, t in state.items() if e not in cond or entry_kind(e) == "sequence"}
 
 
 def _encode(model, inputs, visible, batch, timer) -> Encoded:
@@ -219,7 +206,8 @@ def _image_target(model, state, cond, target, grid, s: Sampling, generator, time
     enc = uncond = None
     for n, temp in zip(counts, temperature_schedule(s.temp_schedule, s.temperature, counts)):
         if enc is None or feed:
-            extra = ({target: torch.where(kmask, kid, ids).view(B, h, w)}, {target: done | kmask}) if feed else ({}, None)
+            seen = torch.where(kmask, kid, ids).view(B, h, w)                          # known or decoded
+            extra = ({target: seen}, {target: done | kmask}) if feed else ({}, None)
             enc = _encode(model, {**state, **extra[0]}, extra[1], B, timer)
             if s.cfg != 1.0:
                 uncond = _encode(model, {**_unconditional(state, cond), **extra[0]}, extra[1], B, timer)
@@ -243,10 +231,8 @@ def merge_span(ids: list[int]) -> list[int]:
     """The tokens the decoder wrote for the span [S_1] (official merge_span_masking of input [S_1])."""
     out, current = [], None
     for t in ids:
-        if t in SENTINELS:
-            current = t
-        elif current == S_1:
-            out.append(t)
+        current = t if t in SENTINELS else current
+        out += [t] if current == S_1 and t not in SENTINELS else []
     return out
 
 
@@ -296,7 +282,8 @@ def generate_tokens(model: TerraMind, inputs: dict, targets: list, sampling: Sam
         if entry_kind(target) == "sequence":
             out[target] = _sequence_target(model, state, cond, target, s, generator, timer)
         else:
-            out[target] = _image_target(model, state, cond, target, grid, s, generator, timer, (known or {}).get(target))
+            out[target] = _image_target(model, state, cond, target, grid, s, generator, timer,
+                                        (known or {}).get(target))
         if target in model.config.inputs:   # DEVIATION (official snapshot): the next target is conditioned on it
             state[target] = out[target]
             cond.append(target)                # official cfg_grow_conditioning
@@ -308,10 +295,8 @@ def generate_tokens(model: TerraMind, inputs: dict, targets: list, sampling: Sam
 
 
 def target_entry(name: str) -> str:
-    m = MODALITIES.get(name)
-    if m is None or (m.kind == "image" and not m.token_key):
-        raise ValueError(f"cannot generate {name!r}; targets: "
-                         f"{', '.join(k for k, v in MODALITIES.items() if v.token_key)}")
+    if (m := MODALITIES.get(name)) is None or not m.token_key:
+        raise ValueError(f"cannot generate {name!r}; targets: {[k for k, v in MODALITIES.items() if v.token_key]}")
     return name if m.kind == "sequence" else "tok_" + name
 
 
@@ -367,6 +352,22 @@ def blend_weight(h: int, w: int, overlap: tuple) -> torch.Tensor:
     return ramp(h, overlap[0])[:, None] * ramp(w, overlap[1])[None]
 
 
+def _prepare(inputs: dict, text_tokenizer, standardized: bool, dev) -> tuple[dict, dict]:
+    """User inputs -> ({image: standardized (B, C, H, W) | LULC (B, H, W)}, {sequence: ids (B, L), [PAD]-padded})."""
+    images, seqs = {}, {}
+    for name, x in inputs.items():
+        if (m := modality(name)).kind == "sequence":
+            rows = [x] if isinstance(x, (str, tuple)) else list(x)
+            ids = [text_tokenizer.encode_coords(*(parse_coords(r) if isinstance(r, str) else r)) if name == "coords"
+                   else text_tokenizer.encode(r)[:m.max_length - 1] + [EOS_ID] for r in rows]
+            seqs[name] = torch.tensor([r + [PAD_ID] * (max(map(len, ids)) - len(r)) for r in ids], device=dev)
+        else:
+            x = torch.as_tensor(x, device=dev)
+            x = x[None] if x.dim() == (2 if name == "LULC" else 3) else x
+            images[name] = x.long() if name == "LULC" else x.float() if standardized else standardize(name, x.float())
+    return images, seqs
+
+
 @torch.no_grad()
 def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sampling=None,
              text_tokenizer: WordPieceTokenizer | None = None, diffusion_steps: int = 10, seed: int = 0,
@@ -377,93 +378,73 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
     `standardized`), LULC class maps (H, W) / (B, H, W), coords (lon, lat) or 'lat=.. lon=..', captions as
     text (lists of those for a batch). targets: modality names in chaining order ("LULC", "DEM", "coords").
     Returns {modality: images (B, C, H, W) in physical units (standardized if `standardized`), LULC class maps
-    (B, H, W) int64, coords [(lon, lat) | None], captions [str]}. Inputs larger than the model's tile are
-    generated in overlapping windows, blended; sequences come from the window at the tile centre."""
+    (B, H, W) int64, coords [(lon, lat) | None], captions [str]}. Inputs larger than the model's tile run in
+    overlapping windows: their token grids are shared where windows overlap (each window is conditioned on the
+    tokens its neighbours already wrote), decoded outputs cross-faded; sequences come from the centre window."""
     dev, tgt, timer = model.mask_token.device, [target_entry(t) for t in targets], timer or Timer()
     generator = torch.Generator(dev).manual_seed(seed)
     if text_tokenizer is None and any(modality(t).kind == "sequence" for t in [*targets, *inputs]):
         raise ValueError("coords / caption inputs or targets need a text tokenizer (--text-tokenizer)")
     if missing := [t for t in targets if MODALITIES[t].kind == "image" and t not in tokenizers]:
         raise ValueError(f"no tokenizer to decode {missing} (tokenizers: {sorted(tokenizers)})")
-    images, seqs = {}, {}
-    for name, x in inputs.items():
-        if (m := modality(name)).kind == "sequence":
-            rows = [x] if isinstance(x, (str, tuple)) else list(x)
-            ids = [text_tokenizer.encode_coords(*(parse_coords(r) if isinstance(r, str) else r)) if name == "coords"
-                   else text_tokenizer.encode(r)[:m.max_length - 1] + [EOS_ID] for r in rows]
-            L = max(map(len, ids))
-            seqs[name] = torch.tensor([r + [PAD_ID] * (L - len(r)) for r in ids], device=dev)
-            continue
-        x = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device=dev)
-        x = x[None] if x.dim() == (2 if name == "LULC" else 3) else x
-        images[name] = x.long() if name == "LULC" else (x.float() if standardized else standardize(name, x.float()))
-    B = next(iter({**images, **seqs}.values())).shape[0]
-    if images:
-        H, W = next(iter(images.values())).shape[-2:]
-        if any(v.shape[-2:] != (H, W) for v in images.values()):
-            raise ValueError(f"image inputs differ in size: { {k: tuple(v.shape[-2:]) for k, v in images.items()} }")
-        pad = (-H % PATCH, -W % PATCH)   # reflect-pad to whole patches, cropped again at the end
-        images = {k: F.pad(v[:, None].float() if k == "LULC" else v, (0, pad[1], 0, pad[0]), mode="reflect")
-                  .squeeze(1).to(v.dtype) if any(pad) else v for k, v in images.items()}
-        Hp, Wp = H + pad[0], W + pad[1]
-    else:
-        H = W = Hp = Wp = model.config.grid * PATCH
-    tile = model.config.grid * PATCH
-    wins = [(r, c) for r in window_starts(Hp, tile) for c in window_starts(Wp, tile)]
+    images, seqs = _prepare(inputs, text_tokenizer, standardized, dev)
+    B, tile = next(iter({**images, **seqs}.values())).shape[0], model.config.grid * PATCH
+    H, W = next(iter(images.values())).shape[-2:] if images else (tile, tile)
+    if any(v.shape[-2:] != (H, W) for v in images.values()):
+        raise ValueError(f"image inputs differ in size: { {k: tuple(v.shape[-2:]) for k, v in images.items()} }")
+    Hp, Wp = H + -H % PATCH, W + -W % PATCH   # reflect-padded to whole patches, cropped again at the end
+    images = {k: F.pad(v[:, None].float(), (0, Wp - W, 0, Hp - H), mode="reflect")[:, 0].to(v.dtype) if k == "LULC"
+              else F.pad(v, (0, Wp - W, 0, Hp - H), mode="reflect") for k, v in images.items()}
+    rows, cols = window_starts(Hp, tile), window_starts(Wp, tile)
     th, tw = min(tile, Hp), min(tile, Wp)
-    centre = min(range(len(wins)), key=lambda k: (2 * wins[k][0] + th - Hp) ** 2 + (2 * wins[k][1] + tw - Wp) ** 2)
-    if all(MODALITIES[t].kind == "sequence" for t in targets):   # sequences only need the centre window
-        wins, centre = [wins[centre]], 0
-    acc, out, grid = {}, {}, (th // PATCH, tw // PATCH)
-    steps = [window_starts(n, tile)[:2] for n in (Hp, Wp)]   # overlap = tile - stride, 0 for a single window
-    weight = blend_weight(th, tw, [t - (s[1] - s[0]) if len(s) > 1 else 0 for t, s in zip((th, tw), steps)]).to(dev)
-    last_image = max((i + 1 for i, t in enumerate(targets) if MODALITIES[t].kind == "image"), default=0)
-    split = len(targets) if len(wins) == 1 else last_image   # trailing sequences: the centre window's chain only
-    waves = []   # windows in waves of non-overlapping ones; a window's overlap tokens come from earlier waves
+    wins, grid = [(r, c) for r in rows for c in cols], (th // PATCH, tw // PATCH)
+    centre = min(wins, key=lambda rc: (2 * rc[0] + th - Hp) ** 2 + (2 * rc[1] + tw - Wp) ** 2)
+    split = max((i + 1 for i, t in enumerate(targets) if MODALITIES[t].kind == "image"), default=0)
+    if split == 0:                             # sequences only: the centre window
+        wins, rows, cols = [centre], [centre[0]], [centre[1]]
+    split = len(targets) if len(wins) == 1 else split   # trailing sequences: the centre window's chain only
+    weight = blend_weight(th, tw, [t - (s[1] - s[0]) if len(s) > 1 else 0 for t, s in ((th, rows), (tw, cols))]).to(dev)
+    acc = {n: torch.zeros(B, len(LULC_CLASSES) if n == "LULC" else MODALITIES[n].channels, Hp, Wp, device=dev)
+           for n in targets if MODALITIES[n].kind == "image"}
+    total = torch.zeros(Hp, Wp, device=dev)
+    canvas = {e: (torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.long, device=dev),
+                  torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.bool, device=dev))
+              for e in tgt if entry_kind(e) == "tokens"}   # DEVIATION: one token grid shared by all windows
+    waves = []   # windows in waves that do not overlap; later waves see the tokens of earlier ones
     for win in wins:
         wave = next((v for v in waves if all(abs(win[0] - r) >= th or abs(win[1] - c) >= tw for r, c in v)), None)
         wave.append(win) if wave is not None else waves.append([win])
-    canvas = {e: [torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.long, device=dev),
-                  torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.bool, device=dev)] for e in tgt[:split]
-              if entry_kind(e) == "tokens"}   # DEVIATION: token grids shared by overlapping windows
-    per, bar = max(1, batch_size // B), tqdm(total=len(wins), desc="windows", disable=len(wins) <= 1, leave=False)
-    cell = lambda r, c: (slice(None), slice(r // PATCH, r // PATCH + grid[0]), slice(c // PATCH, c // PATCH + grid[1]))  # noqa: E731
-    for chunk in (wave[k:k + per] for wave in waves for k in range(0, len(wave), per)):
+    def cell(r, c):   # the token cells of the window at pixel (r, c) in the shared grid (B, Hp/16, Wp/16)
+        return slice(None), slice(r // PATCH, r // PATCH + grid[0]), slice(c // PATCH, c // PATCH + grid[1])
+    per, out = max(1, batch_size // B), {}
+    for chunk in tqdm([w[k:k + per] for w in waves for k in range(0, len(w), per)], desc="windows",
+                      disable=len(wins) <= per, leave=False):
         crop = {n: torch.cat([v[..., r:r + th, c:c + tw] for r, c in chunk]) for n, v in images.items()}
         entries = to_entries(model, tokenizers, {**crop, **{n: v.repeat(len(chunk), 1) for n, v in seqs.items()}},
                              timer)
-        cells = [cell(r, c) for r, c in chunk]
-        known = {e: [torch.cat([t[k] for k in cells]) for t in canvas[e]] for e in canvas}
+        known = {e: [torch.cat([t[cell(r, c)] for r, c in chunk]) for t in canvas[e]] for e in canvas}
         tokens = generate_tokens(model, entries, tgt[:split], sampling, generator, grid, timer, known)
-        bar.update(len(chunk))
         for name, e in zip(targets[:split], tgt[:split]):
-            if MODALITIES[name].kind == "sequence":
-                if wins[centre] in chunk:
-                    i = chunk.index(wins[centre])
-                    out[name] = decode_sequence(name, tokens[e][i * B:(i + 1) * B], text_tokenizer)
-                continue
-            for i, k in enumerate(cells):
-                canvas[e][0][k], canvas[e][1][k] = tokens[e][i * B:(i + 1) * B], True
-            x = decode_image(name, tokens[e], tokenizers[name], diffusion_steps, generator, timer)
-            if name not in acc:
-                acc[name] = torch.zeros(B, x.shape[1], Hp, Wp, device=dev)
-                acc[name + ".w"] = torch.zeros(Hp, Wp, device=dev)
-            for i, (r, c) in enumerate(chunk):
-                acc[name][..., r:r + th, c:c + tw] += x[i * B:(i + 1) * B] * weight
-                acc[name + ".w"][r:r + th, c:c + tw] += weight
-    bar.close()
-    if split < len(targets):   # the centre window again, its image tokens all known from the canvas
-        r, c = wins[centre]
-        crop = {n: v[..., r:r + th, c:c + tw] for n, v in images.items()}
+            part = [tokens[e][i * B:(i + 1) * B] for i in range(len(chunk))]   # per window (B, ...)
+            if MODALITIES[name].kind == "sequence" and centre in chunk:
+                out[name] = decode_sequence(name, part[chunk.index(centre)], text_tokenizer)
+            elif MODALITIES[name].kind == "image":
+                x = decode_image(name, tokens[e], tokenizers[name], diffusion_steps, generator, timer)
+                for i, (r, c) in enumerate(chunk):
+                    canvas[e][0][cell(r, c)], canvas[e][1][cell(r, c)] = part[i], True
+                    acc[name][..., r:r + th, c:c + tw] += x[i * B:(i + 1) * B] * weight
+        for r, c in chunk:
+            total[r:r + th, c:c + tw] += weight
+    if split < len(targets):   # the centre window again, its image tokens all known from the shared grid
+        crop = {n: v[..., centre[0]:centre[0] + th, centre[1]:centre[1] + tw] for n, v in images.items()}
         tokens = generate_tokens(model, to_entries(model, tokenizers, {**crop, **seqs}, timer), tgt, sampling,
-                                 generator, grid, timer, {e: [t[cell(r, c)] for t in canvas[e]] for e in canvas})
+                                 generator, grid, timer, {e: [t[cell(*centre)] for t in canvas[e]] for e in canvas})
         out.update({n: decode_sequence(n, tokens[e], text_tokenizer) for n, e in zip(targets[split:], tgt[split:])})
-    for name in targets:
-        if name in acc:
-            x = (acc[name] / acc[name + ".w"])[..., :H, :W]
-            out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
+    for name, x in acc.items():
+        x = (x / total)[..., :H, :W]
+        out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
     timer.samples += B
-    return out
+    return {n: out[n] for n in targets}
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -508,6 +489,8 @@ def load_stack(args):
     pretrained with, else the official v1 one)."""
     model = TerraMind.from_checkpoint(args.model, args.device).eval()
     text = args.text_tokenizer or read_header(args.model).get("run", {}).get("text_tokenizer") or DEFAULT_TEXT
+    if not Path(text).exists():
+        warnings.warn(f"text tokenizer {text} not found: no coords / captions (pass --text-tokenizer)")
     text = WordPieceTokenizer.from_file(text) if Path(text).exists() else None
     return model, load_tokenizers(args.tokenizers, device=args.device), text
 
@@ -539,7 +522,7 @@ def run_generate(args):
             continue
         write_geotiff(folder / f"{name}.tif", x.cpu().numpy().astype(np.uint8 if name == "LULC" else np.float32), geo)
         panels.append((f"gen {name}", render(name, x)))
-    (folder / "sequences.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(folder / "sequences.txt", "\n".join(lines) + "\n")
     save_sheet(folder / "sheet.png", panels, lines=[s for ln in lines for s in textwrap.wrap(ln, 100)])
     print(f"generated {', '.join(targets)} from {', '.join(inputs)} in {wall:.2f} s -> {folder}")
     print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
@@ -547,36 +530,32 @@ def run_generate(args):
 
 def run_eval(args):
     model, tokenizers, text = load_stack(args)
-    sampling, timer, root, out_dir = args.sampling, Timer(), Path(args.data), Path(args.out)
+    timer, root, out_dir = Timer(), Path(args.data), Path(args.out)
     ds = TerraMeshDataset(root, split=args.split if (root / "splits").is_dir() else None, size=None,
                           labels=args.labels if (root / args.labels).is_dir() else None)
     samples = [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table3, lulc, water, geo = [], [], {}, []
+    table3, lulc, water, geo, sheets = [], [], {}, [], {}
     for pair in args.pairs.split(","):
         src, dst = pair.split(":")
         have = [s for s in samples if all(m in s for m in src.split("+") + [dst])]
-        if not have or (dst != "coords" and dst not in tokenizers):
+        if not have or (dst not in tokenizers and (dst != "coords" or text is None)):
             continue
         gen, truth = [], []
         for k in tqdm(range(0, len(have), args.batch_size), desc=pair, leave=False):
             batch = have[k:k + args.batch_size]
             inp = {m: [parse_coords(s[m]) for s in batch] if m == "coords" else torch.stack([s[m] for s in batch])
                    for m in src.split("+")}
-            gen.append(generate(model, tokenizers, inp, [dst], sampling, text, args.diffusion_steps, args.seed,
+            gen.append(generate(model, tokenizers, inp, [dst], args.sampling, text, args.diffusion_steps, args.seed,
                                 standardized=True, batch_size=args.batch_size, timer=timer)[dst])
             truth.append([parse_coords(s[dst]) for s in batch] if dst == "coords" else
                          torch.stack([s[dst] for s in batch]))
-            if k == 0 and dst != "coords" and args.pictures > 0:   # first sample: inputs | generated | truth
-                args.pictures -= 1
-                save_sheet(out_dir / f"{src.replace('+', '_')}_to_{dst}.png",
-                           [(m, render(m, v[0], True)) for m, v in inp.items() if m != "coords"] +
-                           [(f"{k} {dst}", render(dst, v[-1][0], True)) for k, v in (("gen", gen), ("true", truth))])
+        if dst != "coords":   # picture of the first sample: inputs, then generated | true per output
+            sheets.setdefault(src, [(m, render(m, have[0][m], True)) for m in src.split("+") if m != "coords"])
+            sheets[src] += [(f"{k} {dst}", render(dst, v[0][0], True)) for k, v in (("gen", gen), ("true", truth))]
         name = f"{src} → {dst}"
         if dst == "coords":
             km = [haversine_km(g, t) for g, t in zip(sum(gen, []), sum(truth, [])) if g is not None]
-            geo.append([name, f"{len(km)}/{len(have)}", f"{np.mean(km):.0f}" if km else "-",
-                        f"{np.median(km):.0f}" if km else "-"])
+            geo.append([name, f"{len(km)}/{len(have)}", *(f"{f(km):.0f}" if km else "-" for f in (np.mean, np.median))])
         elif dst == "LULC":
             gen, truth = torch.cat(gen), torch.cat(truth)
             m = reconstruction_metrics("LULC", truth, F.one_hot(gen, len(LULC_CLASSES)).permute(0, 3, 1, 2).float())
@@ -588,47 +567,54 @@ def run_eval(args):
             m = reconstruction_metrics(dst, torch.cat(truth), torch.cat(gen))
             table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
     if args.sen1floods11:
-        sen1floods11(args, model, tokenizers, text, sampling, timer, water, geo)
-    report = (f"## Generation (paper Table 3 layout): {root}, {len(samples)} samples, {args.scheme} "
-              f"{args.steps} step(s), T {args.temperature}, {args.diffusion_steps} diffusion steps\n\n"
+        sen1floods11(args, model, tokenizers, text, timer, water, geo)
+    report = (f"## Generation (paper Table 3 layout): {root}, {len(samples)} samples, {args.scheme} {args.steps} "
+              f"step(s), T {args.temperature}, {args.diffusion_steps} diffusion steps\n\n"
               + markdown(["Input → Output", "MAE", "RMSE", "SSIM", "PSNR"], table3)
               + "\nPhysical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground truth's.\n\n"
-              + markdown(["Input → LULC", "pixel acc", "mIoU", "majority-class acc"], lulc))
-    report += "\n## Zero-shot water mapping (paper Table 4 layout)\n\n" + markdown(
-        ["Model", "Input", "Type", "IoU water"],
-        [[Path(args.model).name, k, "zero-shot", f"{100 * i / max(u, 1):.1f}"] for k, (i, u) in water.items()])
-    report += "\n## Geolocation\n\n" + markdown(["Input → coords", "parsed", "mean km", "median km"], geo)
-    report += f"\nTime per sample ({args.device}): {timer.report()}\n"
-    (out_dir / "eval.md").write_text(report, encoding="utf-8")
+              + markdown(["Input → LULC", "pixel acc", "mIoU", "majority-class acc"], lulc)
+              + "\n## Zero-shot water mapping (paper Table 4 layout)\n\n" + markdown(
+                  ["Model", "Input", "Type", "IoU water"],
+                  [[Path(args.model).name, k, "zero-shot", f"{100 * i / max(u, 1):.1f}"]
+                   for k, (i, u) in water.items()])
+              + "\n## Geolocation\n\n" + markdown(["Input → coords", "parsed", "mean km", "median km"], geo)
+              + f"\nTime per sample ({args.device}): {timer.report()}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src, panels in sheets.items():
+        save_sheet(out_dir / f"{src.replace('+', '_')}.png", panels, columns=len(src.split("+")) + 2 * 4)
+    write_text(out_dir / "eval.md", report)
     print(report)
 
 
-def sen1floods11(args, model, tokenizers, text, sampling, timer, water, geo):
+def sen1floods11(args, model, tokenizers, text, timer, water, geo):
     """Sen1Floods11 chips (S1Hand -> S1GRD, S2Hand L1C -> S2L1C, LabelHand), whole 512 px chips through the
     windowed generator: water IoU of the generated LULC; coords vs the chip centre (EPSG:4326 tags)."""
-    root, acc = Path(args.sen1floods11), {}
+    root, gen = Path(args.sen1floods11), lambda inp, t: generate(  # noqa: E731
+        model, tokenizers, inp, [t], args.sampling, text, args.diffusion_steps, args.seed, batch_size=args.batch_size,
+        timer=timer)[t]
     for label_path in sorted((root / "Labels").glob("*_LabelHand.tif")):
         chip = label_path.name.removesuffix("_LabelHand.tif")
-        s1, tags = read_input("S1GRD", root / "S1" / f"{chip}_S1Hand.tif")
-        s2, _ = read_input("S2L1C", root / "S2" / f"{chip}_S2Hand.tif")
+        (s1, tags), (s2, _) = read_input("S1GRD", root / "S1" / f"{chip}_S1Hand.tif"), read_input(
+            "S2L1C", root / "S2" / f"{chip}_S2Hand.tif")
         label = torch.as_tensor(read_tiff(label_path)[0].astype(np.int64))[None]
         for src in ("S1GRD", "S2L1C", "S1GRD+S2L1C"):
-            inp = {m: {"S1GRD": s1, "S2L1C": s2}[m] for m in src.split("+")}
-            lulc = generate(model, tokenizers, inp, ["LULC"], sampling, text, args.diffusion_steps, args.seed,
-                            batch_size=args.batch_size, timer=timer)["LULC"]
-            i, u = water_iou(lulc.cpu(), label)
-            acc[src] = (acc.get(src, (0, 0))[0] + i, acc.get(src, (0, 0))[1] + u)
+            i, u = water_iou(gen({m: {"S1GRD": s1, "S2L1C": s2}[m] for m in src.split("+")}, "LULC").cpu(), label)
+            key = f"{src} (Sen1Floods11)"
+            water[key] = (water.get(key, (0, 0))[0] + i, water.get(key, (0, 0))[1] + u)
         if text is not None and "coords" in model.config.targets and 33922 in tags:
-            c = generate(model, tokenizers, {"S2L1C": s2}, ["coords"], sampling, text, seed=args.seed)["coords"][0]
-            h, w = label.shape[-2:]   # chip centre from the tie point and the pixel size
-            centre = (tags[33922][3] + w / 2 * tags[33550][0], tags[33922][4] - h / 2 * tags[33550][1])
-            km = f"{haversine_km(c, centre):.0f}" if c else "-"
-            geo.append([f"S2L1C → coords ({chip})", f"{int(c is not None)}/1", km, km])
-    water.update({f"{k} (Sen1Floods11)": v for k, v in acc.items()})
+            (x0, y0), (sx, sy), (h, w) = tags[33922][3:5], tags[33550][:2], label.shape[-2:]   # tie point, pixel
+            km = f"{haversine_km(gen({'S2L1C': s2}, 'coords')[0], (x0 + w / 2 * sx, y0 - h / 2 * sy)):.0f}"
+            geo.append([f"S2L1C → coords ({chip})", "1/1", km, km])
+
+
+def write_text(path, text: str):
+    """Atomic: a temporary file, then renamed."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def main():
-    import sys
     evaluate = len(sys.argv) > 1 and sys.argv[1] == "eval"
     parser = argparse.ArgumentParser(prog="generate.py eval" if evaluate else None,
                                      description=__doc__.split("\n\n")[0].strip())
@@ -658,7 +644,6 @@ def main():
                             help="input(+input):output pairs; pairs the data or tokenizers lack are skipped")
         parser.add_argument("--labels", default="label_water", help="water label folder (else: LULC water)")
         parser.add_argument("--sen1floods11", default=None, help="Sen1Floods11 folder (S1/, S2/, Labels/)")
-        parser.add_argument("--pictures", type=int, default=4, help="picture sheets to write")
     else:
         parser.add_argument("--input", action="append", required=True, help="MOD=path (or coords/caption text)")
         parser.add_argument("--targets", required=True, help="comma-separated modalities, generated in order")

@@ -181,3 +181,38 @@ def test_512_tile_is_seamless(stack, monkeypatch):
     monkeypatch.setattr(G, "blend_weight", lambda h, w, o: torch.ones(h, w))   # plain averaging shows seams
     out = G.generate(model, toks, {"S2L2A": s2}, ["DEM"], ARGMAX, diffusion_steps=2, batch_size=128)
     assert min(seams(out["DEM"][0, 0])) > 2
+
+
+def test_command_line_geotiffs_sheet_and_eval(stack, pretrained, tokenizers, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from terramesh import parse_coords, read_tiff, write_geotiff
+    model, toks, text, test = stack
+    tags = {33550: (10.0, 10.0, 0.0), 33922: (0.0, 0.0, 0.0, 549892.5, 6344077.5, 0.0),
+            34737: "WGS 84 / UTM zone 32N|WGS 84|"}                       # pixel size, tie point, CRS citation
+    tile = tmp_path / "tile.tif"
+    write_geotiff(tile, test[0]["S2L2A"].numpy() * 2000 + 2000, tags)
+    root = Path(__file__).resolve().parents[1]
+    common = ["--model", pretrained.checkpoint, "--tokenizers", tokenizers, "--text-tokenizer", pretrained.text_tokenizer,
+              "--diffusion-steps", "2", "--device", "cpu"]
+    run = lambda *a: subprocess.run([sys.executable, "generate.py", *map(str, a), *map(str, common)], cwd=root,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    p = run("--input", f"S2L2A={tile}", "--targets", "LULC,DEM,coords", "--out", tmp_path / "gen", "--temperature", "0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    for name, shape in (("LULC", (64, 64)), ("DEM", (64, 64))):
+        x, geo = read_tiff(tmp_path / "gen" / f"{name}.tif")
+        assert x.shape == shape and geo[33922] == tags[33922] and geo[33550] == tags[33550]
+    assert (tmp_path / "gen" / "sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line = (tmp_path / "gen" / "sequences.txt").read_text().splitlines()[0]
+    assert line.startswith("coords: ") and parse_coords(line.removeprefix("coords: "))
+    p = run("eval", "--data", pretrained.data, "--n", "4", "--pairs", "S2L2A:DEM,S2L2A:LULC,S2L2A:coords",
+            "--out", tmp_path / "eval")
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = (tmp_path / "eval" / "eval.md").read_text()
+    row = next(r for r in report.splitlines() if r.startswith("| S2L2A → DEM |"))
+    mae, rmse, ssim, psnr = map(float, row.strip("|").split("|")[1:])
+    assert 0 < mae <= rmse and -1 <= ssim <= 1 and np.isfinite(psnr)
+    assert "| S2L2A → LULC |" in report and "| S2L2A → coords | 4/4 |" in report and "zero-shot" in report
