@@ -51,8 +51,8 @@ from tqdm import tqdm
 from fsq_tokenizer import TokenShards
 from masking import MIXTURES, Masking
 from pictures import plot_curves
-from terramesh import MODALITIES, PATCH, TerraMeshDataset, load_safetensors, parse_coords, save_safetensors
-from terramind import (ENTRIES, ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig, entry_kind, entry_modality,
+from terramesh import PATCH, TerraMeshDataset, load_safetensors, parse_coords, save_safetensors
+from terramind import (ENTRIES, ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig, entry_kind,
                        flops_per_token)
 from text_tokenizer import WordPieceTokenizer
 
@@ -466,7 +466,8 @@ def train(args):
     loader = DataLoader(train_set, batch_sampler=StepBatches(step, steps, rank, world, run.batch_size, accum), **kw)
     batches = iter(loader)
     targets = config.targets
-    bar = tqdm(total=steps, initial=step, disable=rank != 0, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, disable=True if rank else None, desc="pretrain", unit="step",
+               dynamic_ncols=True)   # None: a bar on a terminal, none in a log file
     acc = torch.zeros(1 + 2 * len(targets), dtype=torch.float64, device=device)   # loss, per-entry sums, counts
     val = validate() if step == 0 else {}   # the untrained model: every loss near log(V)
     t0, window = time.time(), 0
