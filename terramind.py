@@ -351,7 +351,8 @@ class TerraMind(nn.Module):
                 _, C, H, W = t.shape
                 h, w = H // PATCH, W // PATCH
                 patches = t.reshape(B, C, h, PATCH, w, PATCH)[b, :, p // w, :, p % w]  # (K, C, P, P)
-                x[b, n] = self.patch_proj[e](patches.permute(0, 2, 3, 1).reshape(len(b), -1))
+                proj = self.patch_proj[e](patches.permute(0, 2, 3, 1).reshape(len(b), -1))  # (K, D)
+                x[b, n] = proj.to(x.dtype)                                           # bf16 under autocast
                 pe = self.image_positions(h, w)[p]
             elif kind == "tokens":
                 x[b, n] = self.input_emb[e](t.flatten(1)[b, p])

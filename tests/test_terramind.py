@@ -137,6 +137,17 @@ def test_loss_at_init_is_log_vocab():
         assert abs(v.item() - math.log(config.vocab_size(e))) < 0.02 * math.log(config.vocab_size(e)), e
 
 
+def test_bf16_autocast_step():
+    torch.manual_seed(0)
+    config = TerraMindConfig.preset("smoke")
+    model = TerraMind(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, losses = model(smoke_batch(config, 4))
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - math.log(15360)) < 0.3
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def plain_attention(q, k, v, attn_mask=None):
     """softmax(q k^T / sqrt(d)) v with a boolean mask (True = attend), the textbook definition."""
     a = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
