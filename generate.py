@@ -21,7 +21,7 @@ Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `genera
     python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=data/synth/S2L2A/00005.tif \\
         --targets LULC,S1GRD,DEM,coords --out out/gen
     python generate.py eval --model ckpt/terramind.safetensors --tokenizers ckpt/ --data data/synth --split test \\
-        --n 64 --out out/eval
+        --n 64 --temperature 0 --sen1floods11 ../shared/realdata/sen1floods11 --out out/eval
     # one GPU: the same with --device cuda (and --batch-size 64 windows per forward pass)
 There is no multi-GPU variant: generation is inference, one process per GPU over separate files.
 """
@@ -316,13 +316,6 @@ def to_entries(model, tokenizers, inputs: dict, timer: Timer) -> dict:
     return out
 
 
-def decode_image(name, tokens, tokenizer, steps, generator, timer: Timer) -> torch.Tensor:
-    """Token ids (B, h, w) -> standardized image (B, C, H, W), or LULC class probabilities (B, 10, H, W)."""
-    with timer("diffusion" if name != "LULC" else "LULC decoder"):
-        x = tokenizer.decode(tokens, steps=steps, generator=generator)
-    return F.softmax(x.float(), 1) if name == "LULC" else x
-
-
 def decode_sequence(name, ids, text_tokenizer) -> list:
     """(B, L) ids -> [(lon, lat), or None when malformed] for coords, [text] for captions."""
     if name == "coords":
@@ -429,7 +422,9 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
             if MODALITIES[name].kind == "sequence" and centre in chunk:
                 out[name] = decode_sequence(name, part[chunk.index(centre)], text_tokenizer)
             elif MODALITIES[name].kind == "image":
-                x = decode_image(name, tokens[e], tokenizers[name], diffusion_steps, generator, timer)
+                with timer("diffusion" if name != "LULC" else "LULC decoder"):   # -> standardized (B, C, h, w)
+                    x = tokenizers[name].decode(tokens[e], steps=diffusion_steps, generator=generator)
+                x = F.softmax(x.float(), 1) if name == "LULC" else x                     # LULC: class probabilities
                 for i, (r, c) in enumerate(chunk):
                     canvas[e][0][cell(r, c)], canvas[e][1][cell(r, c)] = part[i], True
                     acc[name][..., r:r + th, c:c + tw] += x[i * B:(i + 1) * B] * weight
@@ -523,7 +518,8 @@ def run_generate(args):
         write_geotiff(folder / f"{name}.tif", x.cpu().numpy().astype(np.uint8 if name == "LULC" else np.float32), geo)
         panels.append((f"gen {name}", render(name, x)))
     write_text(folder / "sequences.txt", "\n".join(lines) + "\n")
-    save_sheet(folder / "sheet.png", panels, lines=[s for ln in lines for s in textwrap.wrap(ln, 100)])
+    width = max(40, 17 * len(panels) - 2)   # characters that fit under the panels (128 px + 8 px each, 8 px font)
+    save_sheet(folder / "sheet.png", panels, lines=[s for ln in lines for s in textwrap.wrap(ln, width)])
     print(f"generated {', '.join(targets)} from {', '.join(inputs)} in {wall:.2f} s -> {folder}")
     print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
 
@@ -620,8 +616,8 @@ def main():
                                      description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--model", required=True, help="TerraMind checkpoint (pretrain.py)")
     parser.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
-    parser.add_argument("--text-tokenizer", default=None, help="WordPiece JSON for coords / captions (default: "
-                        "<tokenizers>/text_tokenizer.json, else the official v1 vocabulary)")
+    parser.add_argument("--text-tokenizer", default=None, help="WordPiece JSON for coords / captions (default: the "
+                        "one the checkpoint was pretrained with, else the official v1 vocabulary)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--scheme", default="roar", choices=["roar", "maskgit"], help="image decoding scheme")
     parser.add_argument("--steps", type=int, default=1, help="decoding steps per image target (official: 1)")
