@@ -463,9 +463,8 @@ def haversine_km(a, b) -> float:
 def read_input(name: str, value):
     """A --input value -> (physical array or text, georeferencing tags or None). Images: a GeoTIFF path;
     coords / caption: a .txt path or the text itself. S1 no-data (NaN) becomes the band mean, with a warning."""
-    m = MODALITIES.get(name)
-    if m is None:
-        raise ValueError(f"--input {name}=...: unknown modality; known: {', '.join(MODALITIES)}")
+    if (m := MODALITIES.get(name)) is None or not value:
+        raise ValueError(f"--input {name}={value}: expected MOD=path, MOD one of {', '.join(MODALITIES)}")
     if m.kind == "sequence":
         text = Path(value).read_text(encoding="utf-8").strip() if Path(value).is_file() else value
         return (parse_coords(text, value) if name == "coords" else text), None
@@ -501,11 +500,10 @@ def run_generate(args):
         name, _, value = item.partition("=")
         inputs[name], g = read_input(name, value)
         geo = geo or g
-    targets, timer = [t for t in args.targets.split(",") if t], Timer()
-    t0 = time.perf_counter()
+    targets, timer, t0, folder = [t for t in args.targets.split(",") if t], Timer(), time.perf_counter(), Path(args.out)
     out = generate(model, tokenizers, inputs, targets, args.sampling, text, args.diffusion_steps,
                    args.seed, batch_size=args.batch_size, timer=timer)
-    wall, folder = time.perf_counter() - t0, Path(args.out)
+    wall = time.perf_counter() - t0
     folder.mkdir(parents=True, exist_ok=True)
     panels = [(n, render(n, x)) for n, x in inputs.items() if MODALITIES[n].kind == "image"]
     lines = [f"input {n}: {format_coords(*x) if n == 'coords' else x}" for n, x in inputs.items()
@@ -524,83 +522,83 @@ def run_generate(args):
     print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
 
 
+def read_sen1floods11(root, labels: str) -> list[dict]:
+    """Sen1Floods11 chips as standardized samples: S1Hand as S1GRD (dB), S2Hand as S2L1C, LabelHand as the
+    water label, and the coords of the chip centre from its EPSG:4326 tie point and pixel size."""
+    samples = []
+    for path in sorted(Path(root, "Labels").glob("*_LabelHand.tif")):
+        chip = path.name.removesuffix("_LabelHand.tif")
+        s = {m: read_input(m, Path(root, d, f"{chip}_{d}Hand.tif")) for m, d in (("S1GRD", "S1"), ("S2L1C", "S2"))}
+        (x0, y0), (sx, sy), (h, w) = s["S1GRD"][1][33922][3:5], s["S1GRD"][1][33550][:2], s["S1GRD"][0].shape[-2:]
+        samples.append({**{m: standardize(m, torch.from_numpy(x)) for m, (x, _) in s.items()}, "coords": format_coords(
+            x0 + w / 2 * sx, y0 - h / 2 * sy), labels: torch.from_numpy(read_tiff(path)[0].astype(np.int64))})
+    return samples
+
+
 def run_eval(args):
     model, tokenizers, text = load_stack(args)
-    timer, root, out_dir = Timer(), Path(args.data), Path(args.out)
-    ds = TerraMeshDataset(root, split=args.split if (root / "splits").is_dir() else None, size=None,
-                          labels=args.labels if (root / args.labels).is_dir() else None)
-    samples = [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)]
-    table3, lulc, water, geo, sheets = [], [], {}, [], {}
-    for pair in args.pairs.split(","):
-        src, dst = pair.split(":")
-        have = [s for s in samples if all(m in s for m in src.split("+") + [dst])]
-        if not have or (dst not in tokenizers and (dst != "coords" or text is None)):
-            continue
-        gen, truth = [], []
-        for k in tqdm(range(0, len(have), args.batch_size), desc=pair, leave=False):
-            batch = have[k:k + args.batch_size]
-            inp = {m: [parse_coords(s[m]) for s in batch] if m == "coords" else torch.stack([s[m] for s in batch])
-                   for m in src.split("+")}
-            gen.append(generate(model, tokenizers, inp, [dst], args.sampling, text, args.diffusion_steps, args.seed,
-                                standardized=True, batch_size=args.batch_size, timer=timer)[dst])
-            truth.append([parse_coords(s[dst]) for s in batch] if dst == "coords" else
-                         torch.stack([s[dst] for s in batch]))
-        if dst != "coords":   # picture of the first sample: inputs, then generated | true per output
-            sheets.setdefault(src, [(m, render(m, have[0][m], True)) for m in src.split("+") if m != "coords"])
-            sheets[src] += [(f"{k} {dst}", render(dst, v[0][0], True)) for k, v in (("gen", gen), ("true", truth))]
-        name = f"{src} → {dst}"
-        if dst == "coords":
-            km = [haversine_km(g, t) for g, t in zip(sum(gen, []), sum(truth, [])) if g is not None]
-            geo.append([name, f"{len(km)}/{len(have)}", *(f"{f(km):.0f}" if km else "-" for f in (np.mean, np.median))])
-        elif dst == "LULC":
-            gen, truth = torch.cat(gen), torch.cat(truth)
-            m = reconstruction_metrics("LULC", truth, F.one_hot(gen, len(LULC_CLASSES)).permute(0, 3, 1, 2).float())
-            majority = (truth == torch.bincount(truth.flatten()).argmax()).double().mean()
-            lulc.append([name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
-            label = torch.stack([s[args.labels] if args.labels in s else (s["LULC"] == WATER).long() for s in have])
-            water[src] = water_iou(gen, label)
-        else:
-            m = reconstruction_metrics(dst, torch.cat(truth), torch.cat(gen))
-            table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
-    if args.sen1floods11:
-        sen1floods11(args, model, tokenizers, text, timer, water, geo)
-    report = (f"## Generation (paper Table 3 layout): {root}, {len(samples)} samples, {args.scheme} {args.steps} "
-              f"step(s), T {args.temperature}, {args.diffusion_steps} diffusion steps\n\n"
+    timer, out_dir, sets = Timer(), Path(args.out), []
+    if args.data:
+        root = Path(args.data)
+        ds = TerraMeshDataset(root, split=args.split if (root / "splits").is_dir() else None, size=None,
+                              labels=args.labels if (root / args.labels).is_dir() else None)
+        sets.append((root.name, [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)],
+                     args.pairs))
+    if args.sen1floods11:   # whole 512 px chips through the windowed generator
+        sets.append(("Sen1Floods11", read_sen1floods11(args.sen1floods11, args.labels),
+                     "S1GRD:LULC,S2L1C:LULC,S1GRD+S2L1C:LULC,S2L1C:coords"))
+    table3, lulc, water, geo = [], [], [], []
+    for title, samples, pairs in sets:
+        for pair in pairs.split(","):
+            src, dst = pair.split(":")
+            have = [s for s in samples if all(m in s for m in src.split("+")) and (
+                dst in s or dst == "LULC" and args.labels in s)]
+            if not have or (dst not in tokenizers and (dst != "coords" or text is None)):
+                continue
+            gen = []
+            for k in tqdm(range(0, len(have), args.batch_size), desc=pair, leave=False):
+                inp = {m: [parse_coords(s[m]) for s in have[k:k + args.batch_size]] if m == "coords" else
+                       torch.stack([s[m] for s in have[k:k + args.batch_size]]) for m in src.split("+")}
+                out = generate(model, tokenizers, inp, [dst], args.sampling, text, args.diffusion_steps,
+                               args.seed, standardized=True, batch_size=args.batch_size, timer=timer)[dst]
+                gen += out if dst == "coords" else list(out)
+            name = f"{src} → {dst} ({title})"
+            if dst == "coords":
+                km = [haversine_km(g, parse_coords(s[dst])) for g, s in zip(gen, have) if g is not None]
+                geo.append([name, f"{len(km)}/{len(have)}", *(f"{f(km):.0f}" if km else "-"
+                                                              for f in (np.mean, np.median))])
+                continue
+            panels = [(m, render(m, have[0][m], True)) for m in src.split("+") if m != "coords"]
+            panels += [(f"gen {dst}", render(dst, gen[0], True))] + [(f"true {k}", render(k, have[0][k], True))
+                                                                    for k in (dst, args.labels) if k in have[0]]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_sheet(out_dir / f"{title}_{src.replace('+', '_')}_to_{dst}.png", panels)   # the first sample
+            gen, truth = torch.stack(gen), [s.get(dst) for s in have]
+            if dst == "LULC":
+                if all(t is not None for t in truth):
+                    truth = torch.stack(truth)
+                    m = reconstruction_metrics("LULC", truth, F.one_hot(gen, len(LULC_CLASSES)).permute(0, 3, 1, 2))
+                    majority = (truth == torch.bincount(truth.flatten()).argmax()).double().mean()
+                    lulc.append([name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
+                i, u = water_iou(gen, torch.stack([s[args.labels] if args.labels in s else
+                                                   (s["LULC"] == WATER).long() for s in have]))
+                water.append([Path(args.model).name, f"{src} ({title})", "zero-shot", f"{100 * i / max(u, 1):.1f}"])
+            else:
+                m = reconstruction_metrics(dst, torch.stack(truth), gen)
+                table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
+    s = args.sampling
+    report = (f"## Generation (paper Table 3 layout): {', '.join(f'{t} {len(x)} samples' for t, x, _ in sets)}; "
+              f"{s.scheme} {s.steps} step(s), T {s.temperature}, {args.diffusion_steps} diffusion steps\n\n"
               + markdown(["Input → Output", "MAE", "RMSE", "SSIM", "PSNR"], table3)
               + "\nPhysical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground truth's.\n\n"
               + markdown(["Input → LULC", "pixel acc", "mIoU", "majority-class acc"], lulc)
-              + "\n## Zero-shot water mapping (paper Table 4 layout)\n\n" + markdown(
-                  ["Model", "Input", "Type", "IoU water"],
-                  [[Path(args.model).name, k, "zero-shot", f"{100 * i / max(u, 1):.1f}"]
-                   for k, (i, u) in water.items()])
+              + "\n## Zero-shot water mapping (paper Table 4 layout)\n\n"
+              + markdown(["Model", "Input", "Type", "IoU water"], water)
               + "\n## Geolocation\n\n" + markdown(["Input → coords", "parsed", "mean km", "median km"], geo)
               + f"\nTime per sample ({args.device}): {timer.report()}\n")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for src, panels in sheets.items():
-        save_sheet(out_dir / f"{src.replace('+', '_')}.png", panels, columns=len(src.split("+")) + 2 * 4)
     write_text(out_dir / "eval.md", report)
     print(report)
-
-
-def sen1floods11(args, model, tokenizers, text, timer, water, geo):
-    """Sen1Floods11 chips (S1Hand -> S1GRD, S2Hand L1C -> S2L1C, LabelHand), whole 512 px chips through the
-    windowed generator: water IoU of the generated LULC; coords vs the chip centre (EPSG:4326 tags)."""
-    root, gen = Path(args.sen1floods11), lambda inp, t: generate(  # noqa: E731
-        model, tokenizers, inp, [t], args.sampling, text, args.diffusion_steps, args.seed, batch_size=args.batch_size,
-        timer=timer)[t]
-    for label_path in sorted((root / "Labels").glob("*_LabelHand.tif")):
-        chip = label_path.name.removesuffix("_LabelHand.tif")
-        (s1, tags), (s2, _) = read_input("S1GRD", root / "S1" / f"{chip}_S1Hand.tif"), read_input(
-            "S2L1C", root / "S2" / f"{chip}_S2Hand.tif")
-        label = torch.as_tensor(read_tiff(label_path)[0].astype(np.int64))[None]
-        for src in ("S1GRD", "S2L1C", "S1GRD+S2L1C"):
-            i, u = water_iou(gen({m: {"S1GRD": s1, "S2L1C": s2}[m] for m in src.split("+")}, "LULC").cpu(), label)
-            key = f"{src} (Sen1Floods11)"
-            water[key] = (water.get(key, (0, 0))[0] + i, water.get(key, (0, 0))[1] + u)
-        if text is not None and "coords" in model.config.targets and 33922 in tags:
-            (x0, y0), (sx, sy), (h, w) = tags[33922][3:5], tags[33550][:2], label.shape[-2:]   # tie point, pixel
-            km = f"{haversine_km(gen({'S2L1C': s2}, 'coords')[0], (x0 + w / 2 * sx, y0 - h / 2 * sy)):.0f}"
-            geo.append([f"S2L1C → coords ({chip})", "1/1", km, km])
 
 
 def write_text(path, text: str):
@@ -632,14 +630,14 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator behind all sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if evaluate:
-        parser.add_argument("--data", required=True, help="TerraMesh-layout folder with ground truth")
+        parser.add_argument("--data", default=None, help="TerraMesh-layout folder with ground truth")
         parser.add_argument("--split", default="test", help="split (all samples when the folder has none)")
         parser.add_argument("--n", type=int, default=64, help="number of samples")
         parser.add_argument("--pairs", default="S2L2A:S1GRD,S2L2A:S1RTC,S2L2A:DEM,S2L2A:NDVI,S2L2A:LULC,S1GRD:S2L2A,"
                             "S1RTC:S2L2A,S1GRD:DEM,S1GRD:NDVI,S1GRD:LULC,S2L2A:coords",
                             help="input(+input):output pairs; pairs the data or tokenizers lack are skipped")
         parser.add_argument("--labels", default="label_water", help="water label folder (else: LULC water)")
-        parser.add_argument("--sen1floods11", default=None, help="Sen1Floods11 folder (S1/, S2/, Labels/)")
+        parser.add_argument("--sen1floods11", default=None, help="Sen1Floods11 folder (S1/, S2/, Labels/): water IoU")
     else:
         parser.add_argument("--input", action="append", required=True, help="MOD=path (or coords/caption text)")
         parser.add_argument("--targets", required=True, help="comma-separated modalities, generated in order")

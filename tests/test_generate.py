@@ -132,8 +132,9 @@ def test_multistep_decodes_every_token_once(stack, scheme, schedule, monkeypatch
     if scheme == "roar":   # ROAR queries disjoint positions that cover the grid
         assert torch.equal(torch.cat(queried, 1).sort(1).values, torch.arange(16).expand(4, 16))
     assert out.shape == (4, 4, 4) and 0 <= out.min() and out.max() < toks["DEM"].vocab_size
+    state = torch.get_rng_state()
     same = generate_tokens(model, x, ["tok_DEM"], s, torch.Generator().manual_seed(0))["tok_DEM"]
-    assert torch.equal(out, same)                                     # torch.Generator, no global reseeding
+    assert torch.equal(out, same) and torch.equal(state, torch.get_rng_state())   # no global reseeding
     guided = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0, cfg=3.0))["tok_DEM"]
     plain = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0))["tok_DEM"]
     assert not torch.equal(guided, plain)                              # guidance changes the argmax
@@ -160,8 +161,20 @@ def test_coords_and_captions_parse(stack):
     ids = generate_tokens(model, {"S2L2A": x}, ["coords"], s, torch.Generator().manual_seed(0))["coords"]
     assert ids.shape == (8, 3) and (ids[:, 2] == 3).all()                     # lat lon [EOS]
     assert [text.decode_coords(r) for r in ids] == out["coords"]              # the same seed, the same draws
+    guided = generate_tokens(model, {"S2L2A": x}, ["coords"], Sampling(temperature=0.0, cfg=3.0))["coords"]
+    assert guided.shape == (8, 3) and (guided[:, 2] == 3).all()              # sequence CFG (broken upstream)
     words = [c.split() for c in out["caption"]]
     assert all(isinstance(c, str) and "[" not in c for c in out["caption"]) and sum(map(len, words)) >= 8
+
+
+def test_non_square_input_keeps_its_orientation(stack):
+    from generate import generate
+    model, toks, text, test = stack
+    x = torch.cat([test[0]["S2L2A"], test[0]["S2L2A"].flip(-1)], -1)      # (12, 64, 128): two windows side by side
+    out = generate(model, toks, {"S2L2A": x}, ["LULC", "DEM"], ARGMAX, diffusion_steps=1, standardized=True)
+    assert out["LULC"].shape == (1, 64, 128) and out["DEM"].shape == (1, 1, 64, 128)   # upstream: transposed
+    alone = generate(model, toks, {"S2L2A": x[..., :64]}, ["LULC"], ARGMAX, standardized=True)["LULC"]
+    assert (out["LULC"][..., :40] == alone[..., :40]).float().mean() > 0.9   # the left window is the left half
 
 
 def test_512_tile_is_seamless(stack, monkeypatch):
@@ -175,7 +188,7 @@ def test_512_tile_is_seamless(stack, monkeypatch):
     def seams(x):   # column-to-column change at window borders / at ordinary patch borders, both directions
         return [float(j[[e - 1 for e in edges]].mean() / j[[c - 1 for c in inner]].mean())
                 for j in ((x[:, 1:] - x[:, :-1]).abs().mean(0), (x[1:] - x[:-1]).abs().mean(1))]
-    out = G.generate(model, toks, {"S2L2A": s2}, ["DEM", "LULC"], ARGMAX, diffusion_steps=2, batch_size=128)
+    out = G.generate(model, toks, {"S2L2A": s2}, ["LULC", "DEM"], ARGMAX, diffusion_steps=2, batch_size=128)
     assert out["DEM"].shape == (1, 1, 512, 512) and out["LULC"].shape == (1, 512, 512)
     assert max(seams(out["DEM"][0, 0])) < 1.5
     monkeypatch.setattr(G, "blend_weight", lambda h, w, o: torch.ones(h, w))   # plain averaging shows seams
