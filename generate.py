@@ -565,7 +565,8 @@ def run_eval(args):
                     lulc.append([name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
                 i, u = water_iou(gen, torch.stack([s[args.labels] if args.labels in s else
                                                    (s["LULC"] == WATER).long() for s in have]))
-                water.append([Path(args.model).name, f"{src} ({title})", "zero-shot", f"{100 * i / max(u, 1):.1f}"])
+                water.append([Path(args.model).name, f"{src} ({title})", "zero-shot",
+                              f"{100 * i / u:.1f}" if u else "- (no water)"])
             else:
                 m = reconstruction_metrics(dst, torch.stack(truth), gen)
                 table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
