@@ -378,13 +378,11 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
     Hp, Wp = H + -H % PATCH, W + -W % PATCH   # reflect-padded to whole patches, cropped again at the end
     images = {k: F.pad(v[:, None].float(), (0, Wp - W, 0, Hp - H), mode="reflect")[:, 0].to(v.dtype) if k == "LULC"
               else F.pad(v, (0, Wp - W, 0, Hp - H), mode="reflect") for k, v in images.items()}
-    rows, cols = window_starts(Hp, tile), window_starts(Wp, tile)
     th, tw = min(tile, Hp), min(tile, Wp)
-    wins, grid = [(r, c) for r in rows for c in cols], (th // PATCH, tw // PATCH)
+    wins, grid = [(r, c) for r in window_starts(Hp, tile) for c in window_starts(Wp, tile)], (th // PATCH, tw // PATCH)
     centre = min(wins, key=lambda rc: (2 * rc[0] + th - Hp) ** 2 + (2 * rc[1] + tw - Wp) ** 2)
     split = max((i + 1 for i, t in enumerate(targets) if MODALITIES[t].kind == "image"), default=0)
-    if split == 0:                             # sequences only: the centre window
-        wins, rows, cols = [centre], [centre[0]], [centre[1]]
+    wins = wins if split else [centre]                  # sequences only: the centre window
     split = len(targets) if len(wins) == 1 else split   # trailing sequences: the centre window's chain only
     canvas = {e: (torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.long, device=dev),
                   torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.bool, device=dev))
