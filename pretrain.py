@@ -402,9 +402,12 @@ def train(args):
     masking = Masking(config.inputs, config.targets, run.input_budget, run.target_budget, run.alphas, grid)
     tokens_per_step = total * (run.input_budget + run.target_budget)           # 4M counts input + target slots
     warmup = math.ceil(run.warmup * steps)
+    args.eval_every = args.eval_every or max(1, min(1000, steps // 8))
 
     train_set = PretrainData(args.data, "train", shards, text, masking, run.tile, run.seed, shuffle=True)
     val_set = PretrainData(args.data, "val", shards, text, masking, run.tile, run.seed, shuffle=False)
+    if len(train_set) < total:
+        raise ValueError(f"{args.data}/splits/train.txt: {len(train_set)} samples, fewer than one step of {total}")
     n_val = min(len(val_set), args.eval_samples)
     val_positions = list(range(n_val))[rank::world]
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=default_collate)
@@ -544,7 +547,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--eval-every", type=int, default=250, help="steps between validations")
+    p.add_argument("--eval-every", type=int, help="steps between validations (default: steps / 8, at most 1000)")
     p.add_argument("--eval-samples", type=int, default=512, help="validation samples (the first of splits/val.txt)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", nargs="?", const=True, help=f"continue from <out>/{STATE}, or from the state given")

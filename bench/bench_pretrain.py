@@ -5,7 +5,8 @@ official implementation's rate, and the data path's samples/s next to the model'
   1. FLOPs per token (terramind.flops_per_token: forward + backward, 256 input + 256 target tokens at 224 px;
      smoke at 64 + 64 on 64 px tiles) and parameter counts, per preset.
   2. tiny, one pretrain.train_step (forward, backward, gradient clip, AdamW) on the batch bench_terramind.py
-     uses (8 samples x (256 + 256) tokens at 224 px, all2all masking, fp32): median ms/step and tokens/s. With
+     uses (8 samples x (256 + 256) tokens at 224 px, all2all masking, fp32), alternating with the plain model
+     step bench_terramind.py times (forward, backward, AdamW): median ms/step and tokens/s of both. With
      --official PYTHON (the oracle venv's python), bench/bench_terramind.py runs in that interpreter right after
      and its official and ours lines are printed beside ours.
   3. On a TerraMesh-layout world with token shards (64 px synthetic tiles): samples/s of pretrain.py's loader
@@ -33,15 +34,16 @@ sys.path.insert(0, str(ROOT))
 import pretrain  # noqa: E402
 from masking import Masking  # noqa: E402
 from terramesh import MODALITIES  # noqa: E402
-from terramind import OFFICIAL_INPUTS, OFFICIAL_TARGETS, PRESETS, TerraMind, TerraMindConfig, entry_kind, \
+from terramind import ENTRIES, OFFICIAL_INPUTS, OFFICIAL_TARGETS, PRESETS, TerraMind, TerraMindConfig, entry_kind, \
     flops_per_token  # noqa: E402
 from text_tokenizer import WordPieceTokenizer  # noqa: E402
 
 
 def flops_table():
-    print("== FLOPs per token (training: forward + backward), parameters")
+    print("== FLOPs per token (training: forward + backward), parameters; every entry, as pretrain.py builds it")
     for size in PRESETS:
-        config = TerraMindConfig.preset(size)
+        config = replace(TerraMindConfig.preset(size), inputs=ENTRIES,
+                         targets=tuple(e for e in ENTRIES if entry_kind(e) != "pixels"))
         n = (64, 64) if size == "smoke" else (256, 256)
         with torch.device("meta"):
             params = sum(p.numel() for p in TerraMind(config).parameters())
@@ -49,15 +51,29 @@ def flops_table():
               f"{flops_per_token(config, *n) / 1e6:8.1f} MFLOP/token")
 
 
-def timed_steps(model, batches, n, warmup):
-    """Median seconds of pretrain.train_step over n steps after `warmup` untimed ones."""
-    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    times = []
+def plain_step(model, opt, batches):
+    """What bench_terramind.py times: forward, backward, AdamW (no clip, no accumulation bookkeeping)."""
+    loss, _ = model(next(batches))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def pretrain_step(model, opt, batches):
+    pretrain.train_step(model, model, opt, batches, 1, 1, torch.device("cpu"), None, 1.0)
+
+
+def timed_steps(model, batches, n, warmup, steps=(pretrain_step,)):
+    """Median seconds per step of each step function over n steps after `warmup` untimed ones; the functions
+    alternate, so load from other processes hits them alike."""
+    opts = [torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95)) for _ in steps]
+    times = [[] for _ in steps]
     for k in range(warmup + n):
-        t = time.perf_counter()
-        pretrain.train_step(model, model, opt, batches, 1, 1, torch.device("cpu"), None, 1.0)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[warmup:])
+        for f, opt, ts in zip(steps, opts, times):
+            t = time.perf_counter()
+            f(model, opt, batches)
+            ts.append(time.perf_counter() - t)
+    return [statistics.median(ts[warmup:]) for ts in times]
 
 
 def tiny_vs_official(args):
@@ -74,14 +90,14 @@ def tiny_vs_official(args):
     batch = default_collate(samples)
     torch.manual_seed(0)
     model = TerraMind(TerraMindConfig.preset("tiny"))
-    sec = timed_steps(model, itertools.repeat(batch), args.steps, 2)
-    print(f"  pretrain.train_step | {sec * 1e3:7.1f} ms/step (median of {args.steps}) | "
-          f"{8 * 512 / sec / 1e3:5.2f}k tok/s")
+    ours, plain = timed_steps(model, itertools.repeat(batch), args.steps, 2, (pretrain_step, plain_step))
+    for name, sec in (("pretrain.train_step", ours), ("model step (as bench_terramind)", plain)):
+        print(f"  {name:32s} | {sec * 1e3:7.1f} ms/step (median of {args.steps}) | {8 * 512 / sec / 1e3:5.2f}k tok/s")
     if args.official:
         out = subprocess.run([args.official, str(ROOT / "bench" / "bench_terramind.py"), "--steps", str(args.steps),
                               "--threads", str(torch.get_num_threads())], capture_output=True, text=True)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("official", "ours", "ratio"))]
-        print("  bench_terramind.py (model forward + backward + AdamW, no clip):\n    " + "\n    ".join(lines)
+        print("  bench_terramind.py right after (model forward + backward + AdamW):\n    " + "\n    ".join(lines)
               if lines else f"  bench_terramind.py failed:\n{out.stderr[-2000:]}")
 
 
@@ -111,7 +127,7 @@ def loader_vs_model(args):
     for size in ("smoke", "tiny"):
         torch.manual_seed(0)
         config = replace(TerraMindConfig.preset(size), grid=grid, inputs=tuple(entries), targets=targets)
-        sec = timed_steps(TerraMind(config), itertools.cycle(batches), args.steps, 2)
+        sec, = timed_steps(TerraMind(config), itertools.cycle(batches), args.steps, 2)
         print(f"  model {size:5s} train_step  | {B / sec:7.1f} samples/s | {sec * 1e3:6.0f} ms/step | "
               f"{B * 2 * budget / sec / 1e3:5.1f}k tok/s ({B} x ({budget} + {budget}) tokens, {tile} px)")
 
