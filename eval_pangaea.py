@@ -11,11 +11,14 @@ formats (READERS) and TerraMesh-layout folders with a label folder. Few-shot: me
 folders (<root>/[train|test/]<class>/*.tif), k-shot n-way, nearest prototype, 200 runs on the full test set.
 
 Consumes our checkpoint (`--model`), official weights (`--official` + `--size`) or a random init (neither);
-writes <out>/results.json, head.safetensors, prediction.png. CPU smoke runs (synthetic world), then one GPU:
+writes <out>/results.json, head.safetensors, prediction.png. CPU smoke runs on the synthetic world with the smoke
+model of pretrain.py (ckpt/; without --model: a random-init --size smoke), then one GPU:
     python eval_pangaea.py seg --dataset terramesh --root data/synth --labels label_water --classes land,water \
-        --modalities S1GRD,S2L2A --size smoke --crop 64 --channels 64 --epochs 2 --workers 0 --out runs/pangaea/water
+        --modalities S2L2A,S1GRD --model ckpt/terramind.safetensors --crop 64 --channels 64 --epochs 20 --workers 0 \
+        --out runs/pangaea/water
     python eval_pangaea.py folders --root data/synth --out data/synth_classes        # dominant-LULC classes
-    python eval_pangaea.py fewshot --root data/synth_classes --modality S2L2A --ways 5 --shots 1 --size smoke
+    python eval_pangaea.py fewshot --root data/synth_classes --modality S2L2A --ways 5 --shots 1 \
+        --model ckpt/terramind.safetensors
     python eval_pangaea.py seg --dataset sen1floods11 --root data/sen1floods11_v1.1 --official TerraMind_v1_base.pt \
         --size base --modalities S2L1C,S1GRD --device cuda --out runs/pangaea/sen1floods11
     python eval_pangaea.py table runs/pangaea/*/results.json                        # paper Table 6 layout
@@ -755,7 +758,8 @@ def save_prediction(path, reader, pred, target):
         rgb = render(src if src in MODALITIES else "S1GRD", image[src][:, 0])
     y = target.numpy()
     save_sheet(path, [("input", rgb), ("target", paint(y)), ("prediction", paint(np.where(y == reader.ignore_index,
-                                                                                           -1, pred.numpy())))])
+                                                                                           -1, pred.numpy())))],
+               max_size=256)
 
 
 def _write_json(path, obj):
