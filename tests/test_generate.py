@@ -59,6 +59,8 @@ def test_schedules_and_filters_match_official():
         assert torch.allclose(torch.tensor(temperature_schedule("onex:0.5:0.5", 6.0, lin), dtype=torch.float64),
                               expect[f"temp.onex.{s}.{n}"])
     assert cosine_schedule(8, 196) == [7, 21, 32, 38, 38, 32, 21, 7]       # 4m.md §3.3
+    assert cosine_schedule(8, 16) == [1, 1, 3, 3, 3, 3, 1, 1]              # official: [1, 2, 3, 3, 3, 3, 2, -1]
+    assert Sampling("maskgit", 25).tokens_per_step(16) == [k for k in cosine_schedule(25, 16) if k]
     for k, p in meta["filters"]:
         assert torch.equal(filter_logits(expect["filter.logits"], k, p), expect[f"filter.k{k}.p{p}"])
 
@@ -117,18 +119,19 @@ def test_chaining_is_real(stack, monkeypatch):
     assert not torch.allclose(given, flooded, atol=1e-3)             # and another LULC changes it
 
 
-@pytest.mark.parametrize("scheme,schedule", [("roar", "linear"), ("maskgit", "cosine"), ("maskgit", "linear")])
-def test_multistep_decodes_every_token_once(stack, scheme, schedule, monkeypatch):
+@pytest.mark.parametrize("scheme,schedule,steps", [("roar", "linear", 5), ("maskgit", "cosine", 8),
+                                                   ("maskgit", "linear", 5)])
+def test_multistep_decodes_every_token_once(stack, scheme, schedule, steps, monkeypatch):
     model, toks, text, test = stack
     x = {"S2L2A": batch_of(test, ["S2L2A"], 4)["S2L2A"]}
     queried, logits = [], model.logits
     monkeypatch.setattr(model, "logits", lambda enc, target, **kw: queried.append(kw["positions"])
                         or logits(enc, target, **kw))
-    s = Sampling(scheme, 5, schedule, temperature=2.0, temp_schedule="onex:0.5:0.5", top_k=40, top_p=0.9)
+    s = Sampling(scheme, steps, schedule, temperature=2.0, temp_schedule="onex:0.5:0.5", top_k=40, top_p=0.9)
     g = torch.Generator().manual_seed(0)
     out = generate_tokens(model, x, ["tok_DEM"], s, g)["tok_DEM"]
-    counts = cosine_schedule(5, 16) if schedule == "cosine" and scheme == "maskgit" else linear_schedule(5, 16)
-    queries = [16 - sum(counts[:k]) for k in range(5)] if scheme == "maskgit" else counts   # all masked / n new
+    counts = (cosine_schedule if schedule == "cosine" and scheme == "maskgit" else linear_schedule)(steps, 16)
+    queries = [16 - sum(counts[:k]) for k in range(steps)] if scheme == "maskgit" else counts   # all masked / new
     assert [q.shape[1] for q in queried] == queries
     if scheme == "roar":   # ROAR queries disjoint positions that cover the grid
         assert torch.equal(torch.cat(queried, 1).sort(1).values, torch.arange(16).expand(4, 16))
@@ -136,8 +139,8 @@ def test_multistep_decodes_every_token_once(stack, scheme, schedule, monkeypatch
     state = torch.get_rng_state()
     same = generate_tokens(model, x, ["tok_DEM"], s, torch.Generator().manual_seed(0))["tok_DEM"]
     assert torch.equal(out, same) and torch.equal(state, torch.get_rng_state())   # no global reseeding
-    guided = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0, cfg=3.0))["tok_DEM"]
-    plain = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, 5, schedule, 0.0))["tok_DEM"]
+    guided = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, steps, schedule, 0.0, cfg=3.0))["tok_DEM"]
+    plain = generate_tokens(model, x, ["tok_DEM"], Sampling(scheme, steps, schedule, 0.0))["tok_DEM"]
     assert not torch.equal(guided, plain)                              # guidance changes the argmax
 
 
