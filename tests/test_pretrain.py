@@ -53,7 +53,8 @@ def world(token_shards, text_tokenizer, synth_world):
 def reference(world, tmp_path_factory):
     """One process, gradient accumulation 2 (2 x 4 samples), 6 steps, a checkpoint every 2 steps."""
     out = tmp_path_factory.mktemp("reference")
-    run(command(world, out, 6, "--save-every", 2), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = run(command(world, out, 6, "--save-every", 2), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "1 process(es) x 2 accumulation x 4 micro-batch" in said
     return out
 
 
@@ -223,7 +224,8 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(world, refer
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + \
         command(world, out, 3)[1:]   # 2 processes x 1 micro-batch of 4
-    run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "2 process(es) x 1 accumulation x 4 micro-batch" in said
     ref, ddp = losses(reference), losses(out)
     assert sorted(ddp) == [1, 2, 3]
     for s in ddp:
