@@ -1,6 +1,6 @@
-"""Tests of eval_pangaea.py: the metric against hand-computed confusion matrices, sliding windows, every reader on
-a fixture written here in its dataset's exact on-disk format, band matching, the head, the temporal mappings,
-few-shot, the protocol's schedule, and end-to-end runs with a stand-in encoder and with TerraMind."""
+"""Tests of eval_pangaea.py and pangaea_datasets.py: the metric against hand-computed confusion matrices, sliding
+windows, every reader on a fixture written here in its dataset's exact on-disk format, band matching, the head, the
+temporal mappings, few-shot, the protocol's schedule, and end-to-end runs with a stand-in encoder and with TerraMind."""
 import json
 import math
 import subprocess
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import eval_pangaea as ep
+import pangaea_datasets as pds
 from terramesh import MODALITIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,13 +127,13 @@ def test_sen1floods11_fixture(tmp_path):
     splits.mkdir(parents=True)
     (splits / "flood_train_data.csv").write_text("Ghana_1_S1Hand.tif,Ghana_1_LabelHand.tif\n")
     (splits / "flood_valid_data.csv").write_text("Spain_2_S1Hand.tif,Spain_2_LabelHand.tif\n")
-    ds = ep.Sen1Floods11(tmp_path, "val")
+    ds = pds.Sen1Floods11(tmp_path, "val")
     image, y = ds[0]
     assert len(ds) == 1 and image["optical"].shape == (13, 1, 40, 40) and image["sar"].shape == (2, 1, 40, 40)
     assert image["optical"][10, 0, 0, 0] == 1000 and not np.isnan(image["sar"]).any()   # B10; NaN -> 0
     assert y.dtype == np.int64 and set(np.unique(y)) <= {-1, 0, 1}
     with pytest.raises(FileNotFoundError, match="flood_test_data.csv"):
-        ep.Sen1Floods11(tmp_path, "test")
+        pds.Sen1Floods11(tmp_path, "test")
 
 
 def _real_sen1floods11(tmp_path):
@@ -151,7 +152,7 @@ def _real_sen1floods11(tmp_path):
 
 
 def test_sen1floods11_real_chip_and_band_matching(tmp_path):
-    ds = ep.Sen1Floods11(_real_sen1floods11(tmp_path), "train")
+    ds = pds.Sen1Floods11(_real_sen1floods11(tmp_path), "train")
     image, y = ds[0]
     assert image["optical"].shape == (13, 1, 512, 512) and image["sar"].shape == (2, 1, 512, 512)
     assert set(np.unique(y)) == {-1, 0, 1} and 0.2 < (y == 1).sum() / (y >= 0).sum() < 0.35   # 26.7% water
@@ -172,7 +173,7 @@ def test_hls_burnscars_fixture_and_sklearn_split(tmp_path):
             x[0, 0] = 9999
             _tif(tmp_path / folder / f"subsetted_512x512_HLS.S30.T{k:02d}.merged.tif", x)
             _tif(tmp_path / folder / f"subsetted_512x512_HLS.S30.T{k:02d}.mask.tif", np.ones((16, 16), np.uint8))
-    train, val, test = (ep.HLSBurnScars(tmp_path, s) for s in ("train", "val", "test"))
+    train, val, test = (pds.HLSBurnScars(tmp_path, s) for s in ("train", "val", "test"))
     # sklearn.model_selection.train_test_split(np.arange(20), test_size=0.1, random_state=23), run once (oracle venv)
     ids = lambda ds: [int(p[0].name.split(".T")[1][:2]) for p in ds.items]          # noqa: E731
     assert ids(train) == [2, 1, 4, 5, 14, 15, 3, 16, 7, 11, 12, 13, 17, 18, 9, 8, 6, 19] and ids(val) == [0, 10]
@@ -193,7 +194,7 @@ def test_mados_fixture(tmp_path):
         _tif(scene / "10" / f"Scene_0_L2R_cl_{crop}.tif", np.arange(24 * 24).reshape(24, 24).astype(np.uint8) % 16)
     (tmp_path / "splits").mkdir()
     (tmp_path / "splits/train_X.txt").write_text("Scene_0_2\n")
-    ds = ep.MADOS(tmp_path, "train")
+    ds = pds.MADOS(tmp_path, "train")
     image, y = ds[0]
     assert len(ds) == 1 and image["optical"].shape == (11, 1, 24, 24)
     assert image["optical"][:, 0, 5, 5].tolist() == [443, 492, 560, 665, 704, 740, 783, 833, 865, 1614, 2202]
@@ -211,7 +212,7 @@ def test_pastis_fixture_and_temporal_sampling(tmp_path):
     (tmp_path / "ANNOTATIONS").mkdir()
     for pid in (10000, 10001, 10002):
         np.save(tmp_path / "ANNOTATIONS" / f"TARGET_{pid}.npy", np.stack([np.full((8, 8), 19), np.zeros((8, 8))]))
-    train, test = ep.PASTIS(tmp_path, "train"), ep.PASTIS(tmp_path, "test")
+    train, test = pds.PASTIS(tmp_path, "train"), pds.PASTIS(tmp_path, "test")
     assert train.items == [10000] and test.items == [10002]
     image, y = train[0]
     # torch.linspace(0, T - 1, 6).long(), the official frame choice (checked equal for T < 80 with torch)
@@ -232,7 +233,7 @@ def test_croptypemapping_fixture(tmp_path):
         np.savez(d / "npy" / f"southsudan_{sid:06d}.npz", s1=np.arange(t) + np.zeros((3, 4, 4, 1)),
                  s2=np.arange(t) + np.zeros((10, 4, 4, 1)))
         np.savez(d / "truth" / f"southsudan_{sid:06d}.npz", truth=np.array([[0, 1, 2, 3], [4, 5, 4, 1]] * 2))
-    ds = ep.CropTypeMapping(tmp_path, "train")
+    ds = pds.CropTypeMapping(tmp_path, "train")
     assert ds.items == [0, 1]
     image, y = ds[0]                                     # 9 dates: the latest 6, latest first
     assert image["sar"].shape == (2, 6, 4, 4) and image["optical"][0, :, 0, 0].tolist() == [8, 7, 6, 5, 4, 3]
@@ -240,7 +241,7 @@ def test_croptypemapping_fixture(tmp_path):
     assert y[0].tolist() == [-1, 0, 1, 2] and y[1].tolist() == [3, -1, 3, 0]
     (d / "npy" / "southsudan_000002.npz").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(ValueError, match="southsudan_000002.npz"):
-        ep.CropTypeMapping(tmp_path, "test")[0]
+        pds.CropTypeMapping(tmp_path, "test")[0]
 
 
 def test_ai4smallfarms_fixture(tmp_path):
@@ -248,9 +249,9 @@ def test_ai4smallfarms_fixture(tmp_path):
     for split in ("train", "test"):
         _tif(d / split / "images" / "tile_a.tif", np.full((20, 30, 4), np.nan if split == "test" else 500, np.float32))
         _tif(d / split / "masks" / "tile_a.tif", np.tile(np.array([0, 255], np.uint8), (20, 15)))
-    image, y = ep.AI4SmallFarms(tmp_path, "train")[0]
+    image, y = pds.AI4SmallFarms(tmp_path, "train")[0]
     assert image["optical"].shape == (4, 1, 20, 30) and y[0, :4].tolist() == [0, 1, 0, 1]
-    assert (ep.AI4SmallFarms(tmp_path, "test")[0][0]["optical"] == 0).all()          # NaN -> 0
+    assert (pds.AI4SmallFarms(tmp_path, "test")[0][0]["optical"] == 0).all()          # NaN -> 0
 
 
 def test_spacenet7_fixture_tiles_and_resampling(tmp_path):
@@ -266,13 +267,13 @@ def test_spacenet7_fixture_tiles_and_resampling(tmp_path):
     for a in (aoi, other):
         _tif(tmp_path / "train" / a / "images_masked" / f"global_monthly_2018_01_mosaic_{a}.tif", img)
         _tif(tmp_path / "train" / a / "labels_raster" / f"global_monthly_2018_01_mosaic_{a}_Buildings.tif", lab)
-    ds = ep.SpaceNet7(tmp_path, "train")
+    ds = pds.SpaceNet7(tmp_path, "train")
     assert len(ds) == 16 and {it[2] for it in ds.items} == {1}                    # month 2 masked, 3 unlabelled
     image, y = ds[15]                                                             # the bottom-right tile
     assert image["optical"].shape == (3, 1, 256, 256) and y.all()
     # a 512 mosaic read at 1024 with nearest resampling (rasterio, checked against it once): row i <- i // 2
     assert image["optical"][0, 0, :4, 0].tolist() == [(768 + i) // 4 for i in range(4)]
-    assert len(ep.SpaceNet7(tmp_path, "test")) == 16
+    assert len(pds.SpaceNet7(tmp_path, "test")) == 16
 
 
 def test_dynamicearthnet_fixture(tmp_path):
@@ -285,7 +286,7 @@ def test_dynamicearthnet_fixture(tmp_path):
         np.save(frames / f"2018-01-{day:02d}.npy", np.full((4, 8, 8), day, np.float32))
     (tmp_path / "labels/13N/AOI1").mkdir(parents=True)
     np.save(tmp_path / "labels/13N/AOI1/2018-01.npy", np.arange(64).reshape(8, 8) % 6)
-    image, y = ep.DynamicEarthNet(tmp_path, "train")[0]
+    image, y = pds.DynamicEarthNet(tmp_path, "train")[0]
     assert image["optical"].shape == (4, 6, 8, 8) and image["optical"][0, :, 0, 0].tolist() == [1, 2, 3, 4, 5, 6]
     assert y.max() == 5
 
@@ -295,7 +296,7 @@ def test_fivebillionpixels_fixture(tmp_path):
         for k in range(2):
             x = np.full((26, 26, 4), 100, np.uint8) if folder == "imgs" else np.full((26, 26), k, np.uint8)
             _tif(tmp_path / "val" / folder / f"GF2_{k}.tif", x)
-    ds = ep.FiveBillionPixels(tmp_path, "val")
+    ds = pds.FiveBillionPixels(tmp_path, "val")
     image, y = ds[1]
     assert len(ds) == 2 and image["optical"].shape == (4, 1, 26, 26) and (y == 1).all()
     assert ds.ignore_index == 0 and len(ds.classes) == 25
@@ -320,7 +321,7 @@ def _terramesh_fixture(root, n=24, size=32, seed=0):
 
 def test_terramesh_labels_reader(tmp_path):
     root = _terramesh_fixture(tmp_path / "world", n=8)
-    ds = ep.TerraMeshLabels(root, "train", "label_water", ["S1GRD", "S2L2A", "LULC"])
+    ds = pds.TerraMeshLabels(root, "train", "label_water", ["S1GRD", "S2L2A", "LULC"])
     image, y = ds[0]
     assert set(image) == {"S1GRD", "S2L2A"} and image["S1GRD"].shape == (2, 1, 32, 32) and ds.classes == (0, 1)
     raw = tifffile.imread(root / "S1GRD" / "000.tif")
@@ -336,7 +337,7 @@ def test_terramesh_labels_reader(tmp_path):
 
 def test_random_and_focus_crops(tmp_path):
     root = _terramesh_fixture(tmp_path / "world", n=8, size=48)
-    ds = ep.TerraMeshLabels(root, "train", "label_water", ["S1GRD"])
+    ds = pds.TerraMeshLabels(root, "train", "label_water", ["S1GRD"])
     m = ep.BandMatcher(ds, ["S1GRD"])
     full_x, full_y = ep.SegmentationData(ds, m, 16, train=False)[0]
     assert full_x["S1GRD"].shape == (2, 1, 48, 48)
@@ -423,8 +424,8 @@ def test_fewshot_on_image_folders(tmp_path):
             for j in range(n):
                 x = np.full((32, 32, 12), 500 + 400 * k, np.int16) + rng.integers(0, 5, (32, 32, 12)).astype(np.int16)
                 _tif(tmp_path / split / name / f"{j}.tif", x)
-    support = ep.ImageFolder(tmp_path / "train", "S2L2A")
-    query = ep.ImageFolder(tmp_path / "test", "S2L2A", None, support.classes, (support.mean, support.std))
+    support = pds.ImageFolder(tmp_path / "train", "S2L2A")
+    query = pds.ImageFolder(tmp_path / "test", "S2L2A", None, support.classes, (support.mean, support.std))
     m = ep.BandMatcher(support, ["S2L2A"])
     enc = StandIn()
     xs, ys = ep.embed(enc, ep.SegmentationData(support, m, None, False), 8)
@@ -451,7 +452,7 @@ def test_lr_schedule_steps_at_60_and_90_percent():
 def test_training_learns_a_learnable_task(tmp_path):
     torch.manual_seed(0)
     root = _terramesh_fixture(tmp_path / "world", n=32)
-    readers = {s: ep.TerraMeshLabels(root, s, "label_water", ["S1GRD"], ("land", "water")) for s in ("train", "val")}
+    readers = {s: pds.TerraMeshLabels(root, s, "label_water", ["S1GRD"], ("land", "water")) for s in ("train", "val")}
     m = ep.BandMatcher(readers["train"], ["S1GRD"])
     model = ep.PangaeaModel(StandIn(), 2, [0, 1, 2, 3], channels=16)
     data = {s: ep.SegmentationData(r, m, 32, s == "train", replicate=4 if s == "train" else 1) for s, r in readers.items()}
@@ -534,10 +535,13 @@ def test_folders_and_fewshot_commands_with_terramind(tmp_path):
     assert "train crops                5" in run.stdout and "test  water                3" in run.stdout
     assert len(list((tmp_path / "classes/test").glob("*/*.tif"))) == 15
     run = subprocess.run(py + ["fewshot", "--root", str(tmp_path / "classes"), "--ways", "5", "--shots", "1", "--runs",
-                               "20", "--size", "smoke", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+                               "20", "--size", "smoke", "--device", "cpu", "--out", str(tmp_path / "few")],
+                         capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-2000:]
     row = next(line for line in run.stdout.splitlines() if line.startswith("| TerraMind-smoke random init |"))
     assert float(row.split("|")[2].split("±")[0]) == 100.0          # classes differ by 600 in every band
+    r = json.loads((tmp_path / "few" / "results.json").read_text())
+    assert (r["accuracy"], r["ways"], r["shots"], r["runs"], r["chance"]) == (100.0, 5, 1, 20, 20.0)
 
 
 def test_table6_layout_and_ranks():
