@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,9 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from eval_pangaea import (OPTICAL, READERS, SAR, TerraMeshLabels, UPerNet, _write_json, band_codes, confusion_matrix,
-                          default_layers, save_prediction, segmentation_scores, sliding_inference)
+from eval_pangaea import (UPerNet, _write_json, confusion_matrix, default_layers, save_prediction, segmentation_scores,
+                          sliding_inference)
 from generate import Sampling, generate_tokens
+from pangaea_datasets import OPTICAL, READERS, SAR, TerraMeshLabels, band_codes
 from pictures import plot_curves, save_png
 from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, load_safetensors, read_tiff, render,
                        save_safetensors, standardize, to_channels_first, write_geotiff)
@@ -187,7 +187,7 @@ def tim_tokens(model: TiMSegmenter, inputs: dict, keys: list, cache: dict | None
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: eval_pangaea's readers, bands matched by name, TerraMind's pretraining standardization
+# Data: pangaea_datasets' readers, bands matched by name, TerraMind's pretraining standardization
 
 
 def band_plan(reader, modalities) -> dict:
