@@ -28,6 +28,7 @@ There is no multi-GPU variant: generation is inference, one process per GPU over
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -532,7 +533,7 @@ def run_eval(args):
     if args.sen1floods11:   # whole 512 px chips through the windowed generator
         sets.append(("Sen1Floods11", read_sen1floods11(args.sen1floods11, args.labels),
                      "S1GRD:LULC,S2L1C:LULC,S1GRD+S2L1C:LULC,S2L1C:coords"))
-    table3, lulc, water, geo = [], [], [], []
+    table3, lulc, water, geo, records = [], [], [], [], []   # records: the same numbers, for eval.json
     for title, samples, pairs in sets:
         for pair in pairs.split(","):
             src, dst = pair.split(":")
@@ -552,6 +553,8 @@ def run_eval(args):
                 km = [haversine_km(g, parse_coords(s[dst])) for g, s in zip(gen, have) if g is not None]
                 geo.append([name, f"{len(km)}/{len(have)}", *(f"{f(km):.0f}" if km else "-"
                                                               for f in (np.mean, np.median))])
+                records.append({"pair": name, "parsed": len(km), "n": len(have),
+                                "median_km": float(np.median(km)) if km else None})
                 continue
             panels = [(m, render(m, have[0][m], True)) for m in src.split("+") if m != "coords"]
             panels += [(f"gen {dst}", render(dst, gen[0], True))] + [(f"true {k}", render(k, have[0][k], True))
@@ -565,17 +568,25 @@ def run_eval(args):
                     m = reconstruction_metrics("LULC", truth, F.one_hot(gen, len(LULC_CLASSES)).permute(0, 3, 1, 2))
                     majority = (truth == torch.bincount(truth.flatten()).argmax()).double().mean()
                     lulc.append([name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
-                i, u = water_iou(gen, torch.stack([s[args.labels] if args.labels in s else
-                                                   (s["LULC"] == WATER).long() for s in have]))
+                    records.append({"pair": name, "acc": m["acc"], "mIoU": m["mIoU"], "majority_acc": float(majority)})
+                label = torch.stack([s[args.labels] if args.labels in s else (s["LULC"] == WATER).long() for s in have])
+                i, u = water_iou(gen, label)
                 water.append([Path(args.model).name, f"{src} ({title})", "zero-shot",
                               f"{100 * i / u:.1f}" if u else "- (no water)"])
+                records.append({"pair": f"{src} ({title})", "water_iou": 100 * i / u if u else None,   # baseline:
+                                "all_water_iou": 100 * float((label == 1).sum() / (label >= 0).sum())})   # all water
             else:
-                m = reconstruction_metrics(dst, torch.stack(truth), gen)
-                table3.append([name, f"{m['MAE']:.4f}", f"{m['RMSE']:.4f}", f"{m['SSIM']:.3f}", f"{m['PSNR']:.2f}"])
+                truth = torch.stack(truth)
+                m = reconstruction_metrics(dst, truth, gen)
+                # trivial baseline: every pixel the set's per-band mean
+                base = reconstruction_metrics(dst, truth, truth.mean((0, 2, 3), keepdim=True).expand_as(truth))
+                table3.append([name, *(f"{m[k]:.4g}" for k in ("MAE", "RMSE", "SSIM", "PSNR")), f"{base['RMSE']:.4g}"])
+                records.append({"pair": name, **{k: float(m[k]) for k in ("MAE", "RMSE", "SSIM", "PSNR")},
+                                "mean_image_RMSE": float(base["RMSE"])})
     s = args.sampling
     report = (f"## Generation (paper Table 3 layout): {', '.join(f'{t} {len(x)} samples' for t, x, _ in sets)}; "
               f"{s.scheme} {s.steps} step(s), T {s.temperature}, {args.diffusion_steps} diffusion steps\n\n"
-              + markdown(["Input → Output", "MAE", "RMSE", "SSIM", "PSNR"], table3)
+              + markdown(["Input → Output", "MAE", "RMSE", "SSIM", "PSNR", "mean-image RMSE"], table3)
               + "\nPhysical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground truth's.\n\n"
               + markdown(["Input → LULC", "pixel acc", "mIoU", "majority-class acc"], lulc)
               + "\n## Zero-shot water mapping (paper Table 4 layout)\n\n"
@@ -584,6 +595,7 @@ def run_eval(args):
               + f"\nTime per sample ({args.device}): {timer.report()}\n")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "eval.md", report)
+    write_text(out_dir / "eval.json", json.dumps(records, indent=1))
     print(report)
 
 

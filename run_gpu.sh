@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The GPU twin of run_cpu.sh: the same eight stages and the same summary, at the real sizes, with torchrun
+# for the two training stages that scale over GPUs (image tokenizers, pretraining).
+#   bash run_gpu.sh                                     # one node, all its GPUs, synthetic world at 224 px
+#   DATA=/data/terramesh NGPU=8 SIZE=base bash run_gpu.sh   # TerraMesh on disk (TerraMesh layout, splits/)
+# Wall times per stage are written to $OUT/times.tsv and into the summary. None have been measured yet:
+# the sessions that built this repository had no GPU; add the measured figures next to each stage here.
+set -euo pipefail
+cd "$(dirname "$0")"
+OUT=${OUT:-runs/gpu}
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
+SIZE=${SIZE:-base}                            # TerraMind preset: tiny, small, base, large
+DATA=${DATA:-}                                # TerraMesh-layout folder; empty: synthesize one
+N=${N:-20000}                                 # synthetic tiles when DATA is empty (224 px)
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-20000}     # per tokenizer (official recipe: 200k at batch 2048)
+TOKEN_BUDGET=${TOKEN_BUDGET:-2e9}             # pretraining tokens (paper: 500e9)
+EPOCHS=${EPOCHS:-80}                          # PANGAEA head epochs (official 80); TiM uses EPOCHS / 2
+EVAL_N=${EVAL_N:-500}
+PY=${PYTHON:-python}
+TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
+TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
+REAL=../shared/realdata
+mkdir -p "$OUT"
+SECONDS=0; : > "$OUT/times.tsv"
+stage() { echo; echo "== $1 ($SECONDS s)"; }
+took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
+
+stage "1/8 data"
+if [ -z "$DATA" ]; then
+    DATA=$OUT/data
+    $PY terramesh.py synth --out "$DATA" --n "$N" --size 224
+fi
+$PY terramesh.py stats --root "$DATA" --limit 500
+took data
+
+stage "2/8 image tokenizers at the official architecture (bf16, EMA), $NGPU GPUs"
+for m in S2L2A S1GRD S1RTC DEM LULC NDVI; do
+    $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size official --steps "$TOKENIZER_STEPS" \
+        --batch-size 64 --lr 1.4e-4 --ema 0.9999 --workers 8 --out "$TOK"
+done
+for m in S2L2A S1GRD DEM NDVI LULC; do
+    $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
+        --clip 1 --pictures 2 --device cuda --out "$OUT/tokenizers_eval"
+done
+took tokenizers
+
+stage "3/8 text tokenizer"
+$PY text_tokenizer.py train --corpus "$DATA/caption" --vocab-size 30000 --out "$OUT/wordpiece.json"
+took text
+
+stage "4/8 token shards"
+$PY fsq_tokenizer.py tokenize --data "$DATA" --tokenizers "$TOK" --batch-size 256 --device cuda --out "$OUT/tokens"
+took tokenize
+
+stage "5/8 pretraining TerraMind-$SIZE, $TOKEN_BUDGET tokens, $NGPU GPUs (bf16, fused AdamW, compiled)"
+$TORCHRUN pretrain.py --size "$SIZE" --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$OUT/wordpiece.json" \
+    --token-budget "$TOKEN_BUDGET" --batch-size 64 --total-batch-size 4096 --workers 8 --compile --out "$OUT/pretrain"
+took pretrain
+
+stage "6/8 generation"
+TILE=$(sed -n 1p "$DATA/splits/test.txt")
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$DATA/S2L2A/$TILE.tif" \
+    --targets LULC,NDVI,S1GRD,DEM,coords,caption --scheme maskgit --steps 8 --temperature 0 --device cuda \
+    --out "$OUT/generate/chained"
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$DATA/S1GRD/$TILE.tif" \
+    --input DEM="$DATA/DEM/$TILE.tif" --targets S2L2A,LULC --scheme roar --steps 8 --device cuda \
+    --out "$OUT/generate/any2any"
+S1F11=(); [ -d "$REAL/sen1floods11" ] && S1F11=(--sen1floods11 "$REAL/sen1floods11")
+$PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
+    --temperature 0 --batch-size 64 --device cuda \
+    --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \
+    "${S1F11[@]}" --out "$OUT/generate/eval"
+took generate
+
+# the water task: the synthetic world's label_water, else Sen1Floods11 (v1.1 layout) from SEN1FLOODS11=...
+if [ -d "$DATA/label_water" ]; then WATER=(--data "$DATA" --classes land,water); SEG=(--dataset terramesh --root "$DATA"
+    --labels label_water --classes land,water --modalities S2L2A,S1GRD); S1=S1GRD
+elif [ -n "${SEN1FLOODS11:-}" ]; then WATER=(--dataset sen1floods11 --data "$SEN1FLOODS11"); SEG=(--dataset sen1floods11
+    --root "$SEN1FLOODS11" --modalities S2L1C,S1GRD); S1=S1GRD
+else echo "no water task: $DATA has no label_water/ and SEN1FLOODS11 is unset"; S1=; fi
+
+stage "7/8 Thinking-in-Modalities (official example: lr 2e-5, batch 8)"
+if [ -n "$S1" ]; then
+    for tim in none LULC; do
+        $PY tim_finetune.py train --model "$MODEL" "${WATER[@]}" --modalities $S1 --tim $tim --temperature 0 --cache \
+            --lr 2e-5 --epochs $((EPOCHS / 2)) --device cuda --out "$OUT/tim/${S1}_$tim"
+    done
+    $PY tim_finetune.py table "$OUT"/tim/*/results.json
+fi
+took tim
+
+stage "8/8 PANGAEA protocol on the water task, and few-shot"
+[ -n "$S1" ] && $PY eval_pangaea.py seg "${SEG[@]}" --model "$MODEL" --epochs "$EPOCHS" --device cuda \
+    --out "$OUT/pangaea/water"
+$PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
+$PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L2A --ways 5 --shots 1 --model "$MODEL" \
+    --device cuda --out "$OUT/pangaea/fewshot"
+took pangaea
+
+stage "summary"
+$PY summary.py "$OUT"
+echo "done in ${SECONDS} s; everything is in $OUT"
