@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-runs/cpu}
 N=${N:-2000}                              # synthetic samples (64 px tiles = 4 x 4 tokens)
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-400}   # optimizer steps per image tokenizer
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-600}     # TerraMind steps of 32 samples
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}    # TerraMind steps of 32 samples
 EPOCHS=${EPOCHS:-3}                       # TiM and PANGAEA head epochs
 EVAL_N=${EVAL_N:-100}                     # held-out samples for tokenizer and generation metrics
 FEWSHOT_RUNS=${FEWSHOT_RUNS:-200}         # few-shot runs averaged (paper: 200)

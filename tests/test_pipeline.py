@@ -1,7 +1,7 @@
 """The whole method in one go: run_cpu.sh, the README's laptop command, at an even smaller scale (300 tiles,
-60 tokenizer steps, 150 pretraining steps, one fine-tuning epoch). Checks that each stage's output is what the
+100 tokenizer steps, 200 pretraining steps, two fine-tuning epochs). Checks that each stage's output is what the
 next one consumed, and that the summary's numbers are finite and beat their trivial baselines.
-About 4 minutes on 2 cores."""
+About 3 minutes on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ import safetensors
 from terramesh import read_tiff
 
 ROOT = Path(__file__).resolve().parents[1]
-SCALE = {"N": "300", "TOKENIZER_STEPS": "60", "PRETRAIN_STEPS": "150", "EPOCHS": "1", "EVAL_N": "16",
+SCALE = {"N": "300", "TOKENIZER_STEPS": "100", "PRETRAIN_STEPS": "200", "EPOCHS": "2", "EVAL_N": "16",
          "FEWSHOT_RUNS": "50", "WAYS": "3", "OMP_NUM_THREADS": "1"}
 
 
@@ -47,10 +47,10 @@ def test_each_stage_consumed_the_previous_ones_output(run):
     assert model["step"] == int(SCALE["PRETRAIN_STEPS"])
     assert set(model["val"]) == {f"tok_{m}" for m in ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI")} | \
         {"caption", "coords"}
-    for name in ("LULC", "NDVI", "S1GRD", "DEM"):                  # chained outputs, georeferenced like the input
+    for name in ("LULC", "NDVI", "S1GRD", "DEM"):                  # chained outputs (channel-last), georeferenced like the input
         x, tags = read_tiff(run / "generate" / "chained" / f"{name}.tif")
         tile = (run / "synth" / "splits" / "test.txt").read_text().split()[0]
-        assert x.shape[-2:] == (64, 64) and tags == read_tiff(run / "synth" / "S2L2A" / f"{tile}.tif")[1]
+        assert x.shape[:2] == (64, 64) and tags == read_tiff(run / "synth" / "S2L2A" / f"{tile}.tif")[1]
     assert "coords:" in (run / "generate" / "chained" / "sequences.txt").read_text()
     for folder in ("tim/S1GRD_none", "tim/S1GRD_LULC", "pangaea/water"):
         r = json.loads((run / folder / "results.json").read_text())
@@ -67,7 +67,9 @@ def test_summary_is_finite_and_beats_the_trivial_baselines(run):
     must = [r for r in rows if r["stage"] in ("pretrain", "TiM", "PANGAEA", "few-shot")
             or r["metric"].startswith("LULC pixel accuracy")]                  # the LULC tokenizer
     assert len(must) == 8 + 4 + 1 + 1 + 1
+    # generation rows are only checked for being finite: a 200-step model generates at baseline level (the
+    # default run_cpu.sh scale beats most of them; tests/test_generate.py tests generation quality)
     assert all(r["beats"] for r in must), [r for r in must if not r["beats"]]
-    # the tokenizers beat the mean image on most modalities even after 60 steps
+    # the tokenizers beat the mean image on most modalities even after 100 steps
     tok = [r for r in rows if r["stage"] == "tokenizer"]
     assert sum(r["beats"] for r in tok) >= len(tok) - 1, tok
