@@ -50,7 +50,7 @@ took tokenize
 stage "5/8 pretraining: masked cross-modal token prediction, $PRETRAIN_STEPS steps"
 $PY pretrain.py --size smoke --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$OUT/wordpiece.json" \
     --steps "$PRETRAIN_STEPS" --batch-size 32 --lr 2e-3 --workers 1 --log-every 100 \
-    --eval-every "$PRETRAIN_STEPS" --save-every "$PRETRAIN_STEPS" --out "$OUT/pretrain"
+    --eval-every $((PRETRAIN_STEPS / 5)) --save-every "$PRETRAIN_STEPS" --out "$OUT/pretrain"
 took pretrain
 
 stage "6/8 generation: chained, any-to-any, metrics on held-out tiles"
