@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
-from terramesh import load_safetensors
+from fsq_tokenizer import read_header
+from generate import write_text
 from terramind import TerraMindConfig
 
 
@@ -43,7 +43,10 @@ def tokenizer_rows(out: Path) -> list[dict]:
 
 
 def pretrain_rows(out: Path) -> list[dict]:
-    config = TerraMindConfig(**load_safetensors(out / "pretrain" / "terramind.safetensors")[1]["config"])
+    path = out / "pretrain" / "terramind.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(2, "no checkpoint", str(path))
+    config = TerraMindConfig(**read_header(path)["config"])
     lines = [json.loads(s) for s in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
     step, val = [(r["step"], r["val"]) for r in lines if "val" in r][-1]
     return [row("pretrain", f"val loss {e} (step {step}, nats)", loss, math.log(config.vocab_size(e)),
@@ -121,10 +124,8 @@ def main():
             missing.append(f"{part.__name__.removesuffix('_rows')}: {e.filename} missing")
     text = markdown(rows, stage_times(out)) + "".join(f"\nnot run: {m}" for m in missing)
     print(text)
-    for name, content in (("summary.md", text), ("summary.json", json.dumps(rows, indent=1))):
-        tmp = out / f"{name}.tmp{os.getpid()}"
-        tmp.write_text(content)
-        os.replace(tmp, out / name)
+    write_text(out / "summary.md", text)
+    write_text(out / "summary.json", json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,18 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import safetensors
 
+from fsq_tokenizer import read_header as header
 from terramesh import read_tiff
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"N": "300", "TOKENIZER_STEPS": "100", "PRETRAIN_STEPS": "200", "EPOCHS": "2", "EVAL_N": "16",
          "FEWSHOT_RUNS": "50", "WAYS": "3", "OMP_NUM_THREADS": "1"}
-
-
-def header(path: Path) -> dict:
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        return {k: json.loads(v) for k, v in f.metadata().items()}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +42,9 @@ def test_each_stage_consumed_the_previous_ones_output(run):
     assert model["step"] == int(SCALE["PRETRAIN_STEPS"])
     assert set(model["val"]) == {f"tok_{m}" for m in ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI")} | \
         {"caption", "coords"}
-    for name in ("LULC", "NDVI", "S1GRD", "DEM"):                  # chained outputs (channel-last), georeferenced like the input
+    tile = (run / "synth" / "splits" / "test.txt").read_text().split()[0]
+    for name in ("LULC", "NDVI", "S1GRD", "DEM"):     # chained outputs (channel-last), georeferenced like the input
         x, tags = read_tiff(run / "generate" / "chained" / f"{name}.tif")
-        tile = (run / "synth" / "splits" / "test.txt").read_text().split()[0]
         assert x.shape[:2] == (64, 64) and tags == read_tiff(run / "synth" / "S2L2A" / f"{tile}.tif")[1]
     assert "coords:" in (run / "generate" / "chained" / "sequences.txt").read_text()
     for folder in ("tim/S1GRD_none", "tim/S1GRD_LULC", "pangaea/water"):
