@@ -3,6 +3,8 @@
 # for the two training stages that scale over GPUs (image tokenizers, pretraining).
 #   bash run_gpu.sh                                     # one node, all its GPUs, synthetic world at 224 px
 #   DATA=/data/terramesh NGPU=8 SIZE=base bash run_gpu.sh   # TerraMesh on disk (TerraMesh layout, splits/)
+#   N=600 TILE=64 SIZE=tiny TOKENIZER_SIZE=smoke TOKENIZER_STEPS=30 TOKEN_BUDGET=2e6 BATCH=32 TOTAL_BATCH=64 \
+#       EPOCHS=2 EVAL_N=16 bash run_gpu.sh             # a few minutes: checks the whole chain on a GPU
 # Wall times per stage are written to $OUT/times.tsv and into the summary. None have been measured yet:
 # the sessions that built this repository had no GPU; add the measured figures next to each stage here.
 set -euo pipefail
@@ -11,9 +13,15 @@ OUT=${OUT:-runs/gpu}
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 SIZE=${SIZE:-base}                            # TerraMind preset: tiny, small, base, large
 DATA=${DATA:-}                                # TerraMesh-layout folder; empty: synthesize one
-N=${N:-20000}                                 # synthetic tiles when DATA is empty (224 px)
+N=${N:-20000}                                 # synthetic tiles when DATA is empty
+TILE=${TILE:-224}                             # synthetic tile side in px
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-20000}     # per tokenizer (official recipe: 200k at batch 2048)
+TOKENIZER_SIZE=${TOKENIZER_SIZE:-official}    # fsq_tokenizer.py preset: official, tiny, smoke
+TOKENIZER_BATCH=${TOKENIZER_BATCH:-64}        # per GPU
 TOKEN_BUDGET=${TOKEN_BUDGET:-2e9}             # pretraining tokens (paper: 500e9)
+BATCH=${BATCH:-64}                            # pretraining micro-batch per GPU
+TOTAL_BATCH=${TOTAL_BATCH:-4096}              # pretraining samples per optimizer step (4M: 4096)
+WORKERS=${WORKERS:-8}                         # DataLoader workers per process
 EPOCHS=${EPOCHS:-80}                          # PANGAEA head epochs (official 80); TiM uses EPOCHS / 2
 EVAL_N=${EVAL_N:-500}
 PY=${PYTHON:-python}
@@ -28,15 +36,15 @@ took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 stage "1/8 data"
 if [ -z "$DATA" ]; then
     DATA=$OUT/data
-    $PY terramesh.py synth --out "$DATA" --n "$N" --size 224
+    $PY terramesh.py synth --out "$DATA" --n "$N" --size "$TILE"
 fi
 $PY terramesh.py stats --root "$DATA" --limit 500
 took data
 
-stage "2/8 image tokenizers at the official architecture (bf16, EMA), $NGPU GPUs"
+stage "2/8 image tokenizers, $TOKENIZER_SIZE architecture (bf16, EMA), $NGPU GPUs"
 for m in S2L2A S1GRD S1RTC DEM LULC NDVI; do
-    $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size official --steps "$TOKENIZER_STEPS" \
-        --batch-size 64 --lr 1.4e-4 --ema 0.9999 --workers 8 --out "$TOK"
+    $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size "$TOKENIZER_SIZE" \
+        --steps "$TOKENIZER_STEPS" --batch-size "$TOKENIZER_BATCH" --lr 1.4e-4 --ema 0.9999 --workers "$WORKERS" --out "$TOK"
 done
 for m in S2L2A S1GRD DEM NDVI LULC; do
     $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
@@ -54,7 +62,8 @@ took tokenize
 
 stage "5/8 pretraining TerraMind-$SIZE, $TOKEN_BUDGET tokens, $NGPU GPUs (bf16, fused AdamW, compiled)"
 $TORCHRUN pretrain.py --size "$SIZE" --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$OUT/wordpiece.json" \
-    --token-budget "$TOKEN_BUDGET" --batch-size 64 --total-batch-size 4096 --workers 8 --compile --out "$OUT/pretrain"
+    --token-budget "$TOKEN_BUDGET" --batch-size "$BATCH" --total-batch-size "$TOTAL_BATCH" --workers "$WORKERS" --compile \
+    --out "$OUT/pretrain"
 took pretrain
 
 stage "6/8 generation"

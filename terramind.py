@@ -433,6 +433,15 @@ class TerraMind(nn.Module):
             raise ValueError("batch has no target slots (all target_mod are -1)")
         return sum(losses.values()) / len(losses), losses
 
+    def compile_blocks(self, **options) -> "TerraMind":
+        """torch.compile every encoder and decoder block in place. The blocks see fixed (B, N, D) shapes and
+        have no data-dependent branches, so each compiles into one graph; the gathers into dense slots and the
+        per-entry losses around them (which depend on the masks' contents) stay eager. State-dict keys are
+        unchanged. pretrain.py --compile calls this."""
+        for blk in [*self.encoder, *self.decoder]:
+            blk.compile(**options)
+        return self
+
     def _check_slots(self, mod, allowed, side):
         names = dict(enumerate(ENTRIES))
         if bad := [names.get(i, i) for i in set(mod.unique().tolist()) - {-1} if names.get(i) not in allowed]:

@@ -12,6 +12,11 @@ dependency). Measure under the CPU lock:
 
     flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py
     flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --official-attention snapshot
+    flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --fused-adamw ours
+
+--fused-adamw: `none` (default) times both sides with torch's default AdamW (foreach), so the ratio compares the
+models alone; `both` gives both sides torch's fused AdamW; `ours` gives ours the fused AdamW that pretrain.py
+uses, and the official side the default (the official package ships no pretraining loop).
 
 Prints per side: median ms/step, tokens/s (input + target tokens), peak RSS and its rise over two training
 steps (measured in a child process per side), then `ratio <ours/official>` (tokens/s). Both sides start
@@ -124,11 +129,12 @@ def setup(side, args):
                                       num_decoder_tokens=args.n_tgt)[0]
 
 
-def train_steps(model, step, n):
-    """n steps of forward + backward + AdamW (torch defaults, lr 1e-4, weight decay 0.05) -> [(s, loss)]."""
+def train_steps(model, step, n, fused=False):
+    """n steps of forward + backward + AdamW (lr 1e-4, weight decay 0.05; torch's default foreach
+    implementation, or its fused one) -> [(s, loss)]."""
     if not hasattr(model, "_opt"):
         model.train()
-        model._opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        model._opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -138,6 +144,10 @@ def train_steps(model, step, n):
         model._opt.step()
         out.append((time.perf_counter() - t0, loss.item()))
     return out
+
+
+def fused(side, args):
+    return args.fused_adamw == "both" or args.fused_adamw == side
 
 
 def rss_mb(field="VmRSS"):
@@ -153,7 +163,7 @@ def memory_child(side, args):
     base = rss_mb()
     with open("/proc/self/clear_refs", "w") as f:   # reset the peak (VmHWM) to now: model building excluded
         f.write("5")
-    train_steps(model, step, 2)
+    train_steps(model, step, 2, fused(side, args))
     print(json.dumps({"peak_mb": rss_mb("VmHWM"), "rise_mb": rss_mb("VmHWM") - base}))
 
 
@@ -168,6 +178,8 @@ def main():
     p.add_argument("--official-attention", choices=["sdpa", "snapshot"], default="sdpa",
                    help="sdpa: the installed terratorch; snapshot: its attention as at the spec's snapshot "
                         "85467a9 (explicit masked softmax)")
+    p.add_argument("--fused-adamw", choices=["none", "both", "ours"], default="none",
+                   help="which sides use torch's fused AdamW (default none: both use the foreach default)")
     p.add_argument("--memory-of", choices=["ours", "official"], help=argparse.SUPPRESS)  # internal: child
     args = p.parse_args()
     if args.memory_of:
@@ -176,14 +188,15 @@ def main():
     tokens = args.batch_size * (args.n_in + args.n_tgt)
     print(f"tiny | batch {args.batch_size} x ({args.n_in} input + {args.n_tgt} target) tokens | fp32 | "
           f"{args.threads} threads | torch {torch.__version__} | official attention: {args.official_attention} | "
+          f"fused AdamW: {args.fused_adamw} | "
           f"{args.warmup} warm-up + {args.steps} timed steps each, alternating")
     sides = {s: setup(s, args) for s in ("official", "ours")}
     for s in sides:
-        train_steps(*sides[s], args.warmup)
+        train_steps(*sides[s], args.warmup, fused(s, args))
     runs = {s: [] for s in sides}
     for _ in range(args.steps):  # alternate, so load from other processes hits both sides alike
         for s in sides:
-            runs[s] += train_steps(*sides[s], 1)
+            runs[s] += train_steps(*sides[s], 1, fused(s, args))
     del sides
     rate = {}
     for s, r in runs.items():
