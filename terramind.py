@@ -433,6 +433,12 @@ class TerraMind(nn.Module):
             raise ValueError("batch has no target slots (all target_mod are -1)")
         return sum(losses.values()) / len(losses), losses
 
+    def entry_parameters(self) -> list:
+        """The parameters of single entries (patch projections, token tables and heads, modality embeddings)
+        and the mask token: the only ones that a batch without some entry leaves without a gradient."""
+        return [*self.patch_proj.parameters(), *self.input_emb.parameters(), *self.target_emb.parameters(),
+                *self.mod_emb.parameters(), self.mask_token]
+
     def compile_blocks(self, **options) -> "TerraMind":
         """torch.compile every encoder and decoder block in place. The blocks see fixed (B, N, D) shapes and
         have no data-dependent branches, so each compiles into one graph; the gathers into dense slots and the
