@@ -148,6 +148,46 @@ def test_bf16_autocast_step():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_entry_parameters_are_the_only_ones_a_batch_can_leave_without_gradient():
+    """pretrain.py keeps only entry_parameters() in the graph by a zero-weight term (DDP needs every parameter
+    to get a gradient): a batch with a single input and a single target entry must reach all the others."""
+    torch.manual_seed(0)
+    config = TerraMindConfig.preset("smoke")
+    model = TerraMind(config)
+    batch = smoke_batch(config, 2)
+    keep_in, keep_tg = config.inputs.index("tok_S1GRD"), config.targets.index("tok_LULC")
+    for side, keep in (("input", keep_in), ("target", keep_tg)):
+        names = config.inputs if side == "input" else config.targets
+        mod = batch[f"{side}_mod"]
+        batch[f"{side}_mod"] = mod.masked_fill(mod != ENTRIES.index(names[keep]), -1)
+    loss, losses = model(batch)
+    assert set(losses) == {"tok_LULC"}
+    loss.backward()
+    entry = {id(p) for p in model.entry_parameters()}
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad and all(id(dict(model.named_parameters())[n]) in entry for n in no_grad), no_grad
+
+
+def test_compile_blocks_gives_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    config = TerraMindConfig(dim=32, encoder_depth=2, decoder_depth=1, num_heads=2, mlp_hidden=64, grid=4,
+                             inputs=PRESETS["smoke"].inputs, targets=PRESETS["smoke"].targets)
+    model, batch = TerraMind(config), smoke_batch(config, 2, budgets=(40, 40))
+    loss, _ = model(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    keys = list(model.state_dict())
+    model.compile_blocks()
+    assert list(model.state_dict()) == keys                           # checkpoints stay interchangeable
+    loss2, _ = model(batch)
+    loss2.backward()
+    assert rel(loss2.detach(), loss.detach()) < 1e-5
+    for n, p in model.named_parameters():
+        if n in grads:
+            assert rel(p.grad, grads[n]) < 1e-4, n
+
+
 def plain_attention(q, k, v, attn_mask=None):
     """softmax(q k^T / sqrt(d)) v with a boolean mask (True = attend), the textbook definition."""
     a = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
