@@ -429,7 +429,8 @@ def save_prediction(path, reader, pred, target):
                max_size=256)
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """Writes obj as JSON atomically (a temporary file, then a rename); tim_finetune.py uses it too."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
@@ -470,7 +471,7 @@ def run_seg(args):
     save_safetensors(out / "head.safetensors", {k: v for k, v in model.state_dict().items()   # BN step counters
                                                 if not k.startswith("encoder.") and v.ndim},      # (0-dim) unused
                      {"config": config, "encoder": name})
-    _write_json(out / "results.json", {"model": name, "dataset": r.name, "classes": [str(c) for c in r.classes],
+    write_json(out / "results.json", {"model": name, "dataset": r.name, "classes": [str(c) for c in r.classes],
                                        "miou": test["miou"], "iou": test["iou"], "acc": test["acc"],
                                        "val_miou": val["miou"], "bands": matcher.lines, "head": config,
                                        "args": {k: v for k, v in vars(args).items() if k != "command"}})
@@ -497,7 +498,7 @@ def run_fewshot(args):
           f"({args.runs} runs, accuracy % on the full test set; chance {100 / args.ways:.1f})")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        _write_json(Path(args.out) / "results.json", {"model": name, "dataset": root.name, "ways": args.ways,
+        write_json(Path(args.out) / "results.json", {"model": name, "dataset": root.name, "ways": args.ways,
                                                       "shots": args.shots, "runs": args.runs, "accuracy": mean,
                                                       "std": std, "chance": 100 / args.ways})
 

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from eval_pangaea import (UPerNet, _write_json, confusion_matrix, default_layers, save_prediction, segmentation_scores,
-                          sliding_inference)
+from eval_pangaea import (UPerNet, confusion_matrix, default_layers, save_prediction, segmentation_scores,
+                          sliding_inference, write_json)
 from generate import Sampling, generate_tokens
 from pangaea_datasets import OPTICAL, READERS, SAR, TerraMeshLabels, band_codes
 from pictures import plot_curves, save_png
@@ -405,7 +405,7 @@ def train(args):
     save_prediction(out / "prediction.png", rs["test"], *test.pop("first"))
     print(f"test (best-val model, epoch {best['epoch']}): mIoU {test['miou']:.2f} | IoU "
           + " | ".join(f"{k} {v:.2f}" for k, v in zip(r.classes, test["iou"])) + f" | acc {test['acc']:.2f}")
-    _write_json(out / "results.json", {
+    write_json(out / "results.json", {
         "dataset": r.name, "modalities": list(c.modalities), "tim": list(c.tim), "merge": c.merge,
         "classes": [str(k) for k in r.classes], "water": water, "seed": args.seed, "epochs": args.epochs,
         "test": test, "val": best, "model": str(args.model),
