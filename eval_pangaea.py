@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from tqdm import tqdm
 
 from pangaea_datasets import OPTICAL, READERS, SAR, ImageFolder, TerraMeshLabels, band_codes, write_class_folders
 from pictures import save_sheet
-from terramesh import LULC_COLORS, MODALITIES, render, save_safetensors
+from terramesh import LULC_COLORS, MODALITIES, render, save_safetensors, write_text
 
 # -----------------------------------------------------------------------------------------------------------
 # Input pipeline: bands by name, the dataset's standardization, crops (spec §3.3)
@@ -431,9 +430,7 @@ def save_prediction(path, reader, pred, target):
 
 def write_json(path, obj):
     """Writes obj as JSON atomically (a temporary file, then a rename); tim_finetune.py uses it too."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def run_seg(args):

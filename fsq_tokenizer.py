@@ -10,7 +10,7 @@ standardized units (LULC: logits), `from_checkpoint`, `from_official`; `load_tok
 
 It consumes a TerraMesh-layout folder (terramesh.py) and writes `<out>/tokenizer_<MOD>.safetensors` (weights,
 the EMA weights with --ema, config in the metadata), `<out>/tokenizer_<MOD>.state.safetensors` (raw weights
-and optimizer state for --resume), token shards, and reconstruction pictures with metrics.
+and optimizer state for --resume), token shards, and reconstruction pictures with metrics (metrics.py).
 
 Token shards: `<out>/<MOD>/shard_<k>.safetensors` (terramesh.save_safetensors, atomic), one per --shard-size
 samples in sorted id order; tensor "tokens" int16 (n, h, w); metadata "ids" (row order), "modality",
@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import terramesh
 from diffusion_decoder import DiffusionDecoder
+from metrics import codebook_usage, physical, reconstruction_metrics
 from terramesh import TerraMeshDataset, load_safetensors, save_safetensors
 
 # -----------------------------------------------------------------------------------------------------------
@@ -216,8 +217,7 @@ PRESETS = {
     "tiny": TokenizerConfig(image_size=64, enc_dim=128, enc_depth=2, enc_heads=4, dec_dim=128, dec_depth=2,
                             dec_heads=4, unet_channels=32, unet_mult=(1, 2, 2), unet_blocks=1, unet_attn=(4,)),
     "smoke": TokenizerConfig(image_size=64, enc_dim=64, enc_depth=1, enc_heads=2, dec_dim=64, dec_depth=1,
-                             dec_heads=2, unet_channels=32, unet_mult=(1, 2), unet_blocks=1, unet_attn=()),
-}
+                             dec_heads=2, unet_channels=32, unet_mult=(1, 2), unet_blocks=1, unet_attn=())}
 
 
 class ImageTokenizer(nn.Module):
@@ -361,49 +361,6 @@ class TokenShards:
         if not self.has(modality, sample_id):
             raise KeyError(f"{self.folder}: no {modality} tokens for sample {sample_id!r}")
         return self.tokens[modality][self.rows[modality][sample_id]].long()
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Metrics (paper Table 10): MAE, RMSE, SSIM, PSNR in physical units; codebook usage
-
-def physical(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Standardized -> physical units: reflectance (S2), dB (S1), metres (DEM), NDVI."""
-    x = terramesh.destandardize(name, x.double())
-    return x / 1e4 if name.startswith("S2") else x
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) pair -> SSIM per (sample, band), 11x11 Gaussian window, sigma 1.5 (Wang et al. 2004)."""
-    g = torch.exp(-(torch.arange(11, dtype=x.dtype) - 5) ** 2 / (2 * 1.5 ** 2))
-    w = ((g[:, None] * g[None]) / g.sum() ** 2).expand(x.shape[1], 1, 11, 11)
-    mu = lambda t: F.conv2d(t, w, groups=x.shape[1])                                  # noqa: E731
-    c1, c2 = (0.01 * data_range.view(1, -1, 1, 1)) ** 2, (0.03 * data_range.view(1, -1, 1, 1)) ** 2
-    mx, my = mu(x), mu(y)
-    vx, vy, cxy = mu(x * x) - mx ** 2, mu(y * y) - my ** 2, mu(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
-    return s.mean((-2, -1))                                                           # (B, C)
-
-
-def reconstruction_metrics(name: str, target: torch.Tensor, recon: torch.Tensor, data_range=None) -> dict:
-    """target, recon standardized (B, C, H, W) (LULC: class map (B, H, W) and logits (B, 10, H, W)).
-    PSNR and SSIM use `data_range` per band (default: the target's max - min over the whole set)."""
-    if name == "LULC":
-        pred = recon.argmax(1)
-        ious = [((pred == c) & (target == c)).sum() / ((pred == c) | (target == c)).sum()
-                for c in range(recon.shape[1]) if ((pred == c) | (target == c)).any()]
-        return {"acc": float((pred == target).double().mean()), "mIoU": float(torch.stack(ious).mean())}
-    x, y = physical(name, target), physical(name, recon)
-    rng = data_range if data_range is not None else (x.amax((0, 2, 3)) - x.amin((0, 2, 3))).clamp_min(1e-12)
-    mse = ((x - y) ** 2).mean((2, 3))                                                 # (B, C)
-    return {"MAE": float((x - y).abs().mean()), "RMSE": float(mse.mean().sqrt()),
-            "SSIM": float(ssim(x, y, rng).mean()), "PSNR": float((10 * torch.log10(rng ** 2 / mse)).mean())}
-
-
-def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict:
-    """Share of the codebook used and the perplexity exp(H) of the token histogram."""
-    p = torch.bincount(tokens.flatten(), minlength=vocab_size).double()
-    p = p[p > 0] / p.sum()
-    return {"used": float(len(p) / vocab_size), "perplexity": float(torch.exp(-(p * p.log()).sum()))}
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import textwrap
 import time
@@ -44,10 +43,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fsq_tokenizer import load_tokenizers, read_header, reconstruction_metrics
+from fsq_tokenizer import load_tokenizers, read_header
+from metrics import haversine_km, reconstruction_metrics, water_iou
+from pangaea_datasets import read_sen1floods11
 from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset, destandardize, format_coords,
-                       modality, parse_coords, read_tiff, render, save_sheet, standardize, to_channels_first,
-                       write_geotiff)
+                       modality, parse_coords, read_input, render, save_sheet, standardize,
+                       write_geotiff, write_text)
 from terramind import Encoded, TerraMind, entry_kind
 from text_tokenizer import EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
 
@@ -432,38 +433,6 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
 # Zero-shot tasks, evaluation (paper Tables 3 and 4) and files
 
 
-def water_iou(lulc: torch.Tensor, label: torch.Tensor) -> tuple[int, int]:
-    """Generated LULC water class vs a water label (1 water, 0 not, -1 ignored) -> (intersection, union)."""
-    ok = label >= 0
-    p, t = (lulc == WATER) & ok, (label == 1) & ok
-    return int((p & t).sum()), int((p | t).sum())
-
-
-def haversine_km(a, b) -> float:
-    """Great-circle distance between (lon, lat) points in km (Earth radius 6371 km)."""
-    (lo1, la1), (lo2, la2) = (map(math.radians, p) for p in (a, b))
-    h = math.sin((la2 - la1) / 2) ** 2 + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
-    return 2 * 6371.0 * math.asin(math.sqrt(min(1.0, h)))
-
-
-def read_input(name: str, value):
-    """A --input value -> (physical array or text, georeferencing tags or None). Images: a GeoTIFF path;
-    coords / caption: a .txt path or the text itself. S1 no-data (NaN) becomes the band mean, with a warning."""
-    if (m := MODALITIES.get(name)) is None or not value:
-        raise ValueError(f"--input {name}={value}: expected MOD=path, MOD one of {', '.join(MODALITIES)}")
-    if m.kind == "sequence":
-        text = Path(value).read_text(encoding="utf-8").strip() if Path(value).is_file() else value
-        return (parse_coords(text, value) if name == "coords" else text), None
-    x, geo = read_tiff(value)
-    x = to_channels_first(x, m.channels, value)
-    if name == "LULC":
-        return x[0].astype(np.int64), geo
-    if np.isnan(x := x.astype(np.float32)).any():
-        warnings.warn(f"{value}: {int(np.isnan(x).sum())} NaN pixels replaced by the {name} band mean")
-        x = np.where(np.isnan(x), np.asarray(m.mean, np.float32)[:, None, None], x)
-    return x, geo
-
-
 def load_stack(args):
     """Model, tokenizers and the WordPiece vocabulary (--text-tokenizer, else the one the checkpoint was
     pretrained with, else the official v1 one)."""
@@ -506,19 +475,6 @@ def run_generate(args):
     save_sheet(folder / "sheet.png", panels, lines=[s for ln in lines for s in textwrap.wrap(ln, width)])
     print(f"generated {', '.join(targets)} from {', '.join(inputs)} in {wall:.2f} s -> {folder}")
     print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
-
-
-def read_sen1floods11(root, labels: str) -> list[dict]:
-    """Sen1Floods11 chips as standardized samples: S1Hand as S1GRD (dB), S2Hand as S2L1C, LabelHand as the
-    water label, and the coords of the chip centre from its EPSG:4326 tie point and pixel size."""
-    samples = []
-    for path in sorted(Path(root, "Labels").glob("*_LabelHand.tif")):
-        chip = path.name.removesuffix("_LabelHand.tif")
-        s = {m: read_input(m, Path(root, d, f"{chip}_{d}Hand.tif")) for m, d in (("S1GRD", "S1"), ("S2L1C", "S2"))}
-        (x0, y0), (sx, sy), (h, w) = s["S1GRD"][1][33922][3:5], s["S1GRD"][1][33550][:2], s["S1GRD"][0].shape[-2:]
-        samples.append({**{m: standardize(m, torch.from_numpy(x)) for m, (x, _) in s.items()}, "coords": format_coords(
-            x0 + w / 2 * sx, y0 - h / 2 * sy), labels: torch.from_numpy(read_tiff(path)[0].astype(np.int64))})
-    return samples
 
 
 def run_eval(args):
@@ -597,13 +553,6 @@ def run_eval(args):
     write_text(out_dir / "eval.md", report)
     write_text(out_dir / "eval.json", json.dumps(records, indent=1))
     print(report)
-
-
-def write_text(path, text: str):
-    """Atomic: a temporary file, then renamed."""
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main():

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from terramesh import (CLOUDS, LULC_CLASSES, MODALITIES, NO_DATA, S2_BAND_CODES, TerraMeshDataset, destandardize,
-                       read_tiff, to_channels_first)
+                       format_coords, read_input, read_tiff, standardize, to_channels_first)
 
 
 OPTICAL, SAR = ("S2L1C", "S2L2A", "S2RGB"), ("S1GRD", "S1RTC")
@@ -358,3 +358,16 @@ def write_class_folders(root, out, modality="S2L2A", min_share=0.5) -> dict:
                     shutil.copyfile(root / modality / f"{sid}.tif", dst)
                 counts[split, dst.parent.name] = counts.get((split, dst.parent.name), 0) + 1
     return counts
+
+
+def read_sen1floods11(root, labels: str) -> list[dict]:
+    """Sen1Floods11 chips as standardized samples: S1Hand as S1GRD (dB), S2Hand as S2L1C, LabelHand as the
+    water label, and the coords of the chip centre from its EPSG:4326 tie point and pixel size."""
+    samples = []
+    for path in sorted(Path(root, "Labels").glob("*_LabelHand.tif")):
+        chip = path.name.removesuffix("_LabelHand.tif")
+        s = {m: read_input(m, Path(root, d, f"{chip}_{d}Hand.tif")) for m, d in (("S1GRD", "S1"), ("S2L1C", "S2"))}
+        (x0, y0), (sx, sy), (h, w) = s["S1GRD"][1][33922][3:5], s["S1GRD"][1][33550][:2], s["S1GRD"][0].shape[-2:]
+        samples.append({**{m: standardize(m, torch.from_numpy(x)) for m, (x, _) in s.items()}, "coords": format_coords(
+            x0 + w / 2 * sx, y0 - h / 2 * sy), labels: torch.from_numpy(read_tiff(path)[0].astype(np.int64))})
+    return samples

@@ -425,7 +425,7 @@ def train(args):
         if device.type == "cuda" and "rng.cuda.0" in state[2]:
             torch.cuda.set_rng_state_all([state[2][f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
         step = state[3]["step"]
-    net = torch.compile(model) if args.compile == "model" else model.compile_blocks() if args.compile else model
+    net = model.compile_blocks() if args.compile else model   # the slot gathers and losses stay eager
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -439,8 +439,7 @@ def train(args):
         f"run: {steps} steps x {total} samples x ({run.input_budget} + {run.target_budget}) tokens = "
         f"{steps * tokens_per_step / 1e6:.1f}M tokens; {world} process(es) x {accum} accumulation x "
         f"{run.batch_size} micro-batch; lr {run.lr:.1e}, warmup {warmup} steps, cosine to 0; "
-        f"alphas {run.alphas}; {device} {'bf16' if dtype else 'fp32'}"
-        f"{f' compiled ({args.compile})' if args.compile else ''}")
+        f"alphas {run.alphas}; {device} {'bf16' if dtype else 'fp32'}{' compiled' if args.compile else ''}")
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -545,9 +544,7 @@ def main():
                                             "larger tiles are cropped, the same window for pixels and tokens)")
     p.add_argument("--seed", type=int, help="seed of the init, sample order, crops and masks (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", nargs="?", const="blocks", choices=["blocks", "model"],
-                   help="torch.compile each transformer block (the default), or the whole model (graph breaks at "
-                        "the data-dependent gathers; for base on one H100, 1.2x blocks at batch 64, equal at 128)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--workers", type=int, help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
     p.add_argument("--eval-every", type=int, help="steps between validations (default: steps / 8, at most 1000)")

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from fsq_tokenizer import read_header
-from generate import write_text
+from terramesh import write_text
 from terramind import TerraMindConfig
 
 

@@ -24,7 +24,6 @@ import argparse
 import heapq
 import json
 import math
-import os
 import re
 import string
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from terramesh import format_coords, parse_coords
+from terramesh import format_coords, parse_coords, write_text
 
 # -----------------------------------------------------------------------------------------------------------
 # The official layout of the first 6366 ids (spec §6); a trained vocabulary keeps it.
@@ -123,14 +122,6 @@ _PIPELINE = {   # the official file's processing pipeline (spec §6), the only o
 MAX_WORD_CHARS = _PIPELINE["model"]["max_input_chars_per_word"]
 
 
-def _atomic_write_text(path, text: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # The tokenizer
 
@@ -209,7 +200,7 @@ class WordPieceTokenizer:
 
     def save(self, path):
         """Writes the `tokenizers` JSON (atomic); the Hugging Face library loads it too."""
-        _atomic_write_text(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n")
 
     # --- encoding ---------------------------------------------------------------------------------------
     @staticmethod

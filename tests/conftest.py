@@ -4,7 +4,7 @@ Each fixture runs the stage's own command (as a user would) into a session tempo
 a test file that asks for none of them pays nothing. Costs measured on the 2-core CI machine.
 
   synth_world      Path of a 300-sample synthetic TerraMesh world, 64 px tiles, seed 0, splits 240/30/30
-                   (`terramesh.synthesize`).                                                         ~3 s
+                   (`synthetic.synthesize`).                                                         ~3 s
   text_tokenizer   Path of a WordPiece JSON trained on synth_world's captions (`WordPieceTokenizer.train`,
                    official ids for the special, sentinel and coordinate tokens; ~6800 ids).          <1 s
   tokenizers       Path of a folder with tokenizer_<MOD>.safetensors for the six tokenized modalities
@@ -51,9 +51,9 @@ def run_stage(*args, timeout=600) -> str:
 
 @pytest.fixture(scope="session")
 def synth_world(tmp_path_factory) -> Path:
-    import terramesh
+    import synthetic
     root = tmp_path_factory.mktemp("world") / "synth"
-    terramesh.synthesize(root, n=WORLD_SIZE, size=WORLD_TILE, seed=0)
+    synthetic.synthesize(root, n=WORLD_SIZE, size=WORLD_TILE, seed=0)
     return root
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import synthetic
 import terramesh
-from fsq_tokenizer import (FSQ, ImageTokenizer, TokenizerConfig, TokenShards, codebook_usage, load_tokenizers,
-                           load_state_strict, reconstruction_metrics, sincos_table, ssim)
+from fsq_tokenizer import (FSQ, ImageTokenizer, TokenizerConfig, TokenShards, load_state_strict, load_tokenizers,
+                           sincos_table)
+from metrics import codebook_usage, reconstruction_metrics, ssim
 from test_diffusion_decoder import load_fixture, official_state, rel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +181,7 @@ def run(*args):
 
 def test_train_tokenize_reconstruct_commands(tmp_path):
     data, ckpt, tokens = tmp_path / "synth", tmp_path / "ckpt", tmp_path / "tokens"
-    terramesh.synthesize(data, n=12, size=64, seed=0, workers=1)
+    synthetic.synthesize(data, n=12, size=64, seed=0, workers=1)
     out = run("train", "--modality", "LULC", "--data", data, "--size", "smoke", "--steps", 3, "--batch-size", 4,
               "--save-every", 2, "--out", ckpt)
     assert "step 3/3" in out and (ckpt / "tokenizer_LULC.safetensors").exists()

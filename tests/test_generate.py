@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import (Sampling, cosine_schedule, filter_logits, generate_tokens, haversine_km,
-                      linear_schedule, merge_span, temperature_schedule, water_iou, window_starts)
+from generate import (Sampling, cosine_schedule, filter_logits, generate_tokens, linear_schedule, merge_span,
+                      temperature_schedule, window_starts)
+from metrics import haversine_km, water_iou
 from terramesh import load_safetensors
 from terramind import TerraMind, TerraMindConfig
 
@@ -183,7 +184,7 @@ def test_non_square_input_keeps_its_orientation(stack):
 
 def test_512_tile_is_seamless(stack):
     from generate import generate
-    from terramesh import synth_sample
+    from synthetic import synth_sample
     model, toks, text, test = stack
     s2 = torch.from_numpy(synth_sample(7, 0, size=512)["S2L2A"]).permute(2, 0, 1).float()   # physical units
 

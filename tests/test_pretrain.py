@@ -2,7 +2,6 @@
 training, the 4M schedule and weight-decay rules, one process with gradient accumulation against torchrun with
 two gloo processes, an uninterrupted run against a SIGKILLed and resumed one, and damaged checkpoints."""
 import argparse
-import json
 import math
 import os
 import shutil

@@ -10,6 +10,7 @@ import pytest
 import tifffile
 import torch
 
+import synthetic
 import terramesh as tm
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -139,7 +140,7 @@ def test_real_tile_crop_and_geotags(tmp_path):
 
 def _tiny_root(tmp_path, modalities=("S2L2A", "S1GRD", "DEM")):
     root = tmp_path / "root"
-    s = tm.synth_sample(0, 1, 32)
+    s = synthetic.synth_sample(0, 1, 32)
     for m in modalities:
         (root / m).mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(root / m / "a.tif", s[m], **tm._TIFF_LAYOUT[s[m].ndim])
@@ -220,7 +221,7 @@ def test_lulc_class_out_of_range(tmp_path):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    tm.synthesize(root, n=120, size=64, seed=7, workers=1)
+    synthetic.synthesize(root, n=120, size=64, seed=7, workers=1)
     return root
 
 
@@ -231,7 +232,7 @@ def test_synth_layout_and_determinism(world):
     assert [len(v) for v in splits.values()] == [96, 12, 12]
     assert not set(splits["train"]) & set(splits["test"])
     assert len(tm.TerraMeshDataset(world, split="val")) == 12
-    a, b = tm.synth_sample(7, 5, 64), tm.synth_sample(7, 5, 64)
+    a, b = synthetic.synth_sample(7, 5, 64), synthetic.synth_sample(7, 5, 64)
     assert all(np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in a)
     x, _ = tm.read_tiff(world / "S2L2A" / "00005.tif")
     assert np.array_equal(x, a["S2L2A"]) and x.dtype == np.int16
@@ -285,7 +286,7 @@ def test_synth_captions_mention_dominant_class(world):
         lulc, _ = tm.read_tiff(world / "LULC" / f"{i:05d}.tif")
         dominant = int(np.bincount(lulc.ravel(), minlength=10).argmax())
         caption = (world / "caption" / f"{i:05d}.txt").read_text().lower()
-        hits += any(p in caption for p in tm.CAPTION_PHRASES[dominant])
+        hits += any(p in caption for p in synthetic.CAPTION_PHRASES[dominant])
         assert tm.parse_coords((world / "coords" / f"{i:05d}.txt").read_text())
     assert hits == 120
 

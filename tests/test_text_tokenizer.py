@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import synthetic
 import terramesh
 from text_tokenizer import (EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, read_corpus,
                             sentinel_id)
@@ -28,8 +29,8 @@ def official():
 
 @pytest.fixture(scope="module")
 def synth_captions():
-    """Captions and coords of the synthetic world (terramesh.synth_sample), 300 samples."""
-    samples = [terramesh.synth_sample(0, i, 32) for i in range(300)]
+    """Captions and coords of the synthetic world (synthetic.synth_sample), 300 samples."""
+    samples = [synthetic.synth_sample(0, i, 32) for i in range(300)]
     return [s["caption"] for s in samples], [s["coords"] for s in samples]
 
 

@@ -2,13 +2,13 @@
 each modality on the ones before (eq. 5, checked against TerraMind.logits by hand), caching equals recomputing
 under argmax, resuming equals an uninterrupted run, Sen1Floods11 (format and the real chip) end to end."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import synthetic
 import terramesh
 from terramind import TerraMind, TerraMindConfig
 from tim_finetune import TiMSegmenter, main, tim_tokens
@@ -29,7 +29,7 @@ def random_terramind(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("tim") / "world"
-    terramesh.synthesize(root, n=20, size=64, seed=3)     # 16 train, 2 val, 2 test
+    synthetic.synthesize(root, n=20, size=64, seed=3)     # 16 train, 2 val, 2 test
     return root
 
 
