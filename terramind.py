@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpu_linear import Linear, linear
 from terramesh import MODALITIES, PATCH, load_safetensors, save_safetensors
 
 # -----------------------------------------------------------------------------------------------------------
@@ -191,10 +192,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.cross = num_heads, cross
         if cross:
-            self.q, self.kv = nn.Linear(dim, dim, bias=bias), nn.Linear(dim, 2 * dim, bias=bias)
+            self.q, self.kv = Linear(dim, dim, bias=bias), Linear(dim, 2 * dim, bias=bias)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+            self.qkv = Linear(dim, 3 * dim, bias=bias)
+        self.proj = Linear(dim, dim, bias=bias)
 
     def forward(self, x, context=None, mask=None):  # x (B, N, D), context (B, M, D), mask True = attend
         B, N, D = x.shape
@@ -212,9 +213,9 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden, swiglu):
         super().__init__()
         self.swiglu = swiglu
-        self.fc1, self.fc2 = nn.Linear(dim, hidden, bias=not swiglu), nn.Linear(hidden, dim, bias=not swiglu)
+        self.fc1, self.fc2 = Linear(dim, hidden, bias=not swiglu), Linear(hidden, dim, bias=not swiglu)
         if swiglu:  # official GatedMlp: fc2(silu(fc1 x) * fc3 x)
-            self.fc3 = nn.Linear(dim, hidden, bias=False)
+            self.fc3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x):
         if self.swiglu:
@@ -292,7 +293,7 @@ class TerraMind(nn.Module):
         D = c.dim
         pix = [e for e in c.inputs if entry_kind(e) == "pixels"]
         self.patch_proj = nn.ModuleDict({  # bias-free: modality identity comes from mod_emb (official)
-            e: nn.Linear(entry_modality(e).channels * PATCH * PATCH, D, bias=False) for e in pix})
+            e: Linear(entry_modality(e).channels * PATCH * PATCH, D, bias=False) for e in pix})
         self.input_emb = nn.ModuleDict({e: self._table(e) for e in c.inputs if e not in pix})
         self.target_emb = nn.ModuleDict({e: self._table(e) for e in c.targets})   # tied to the output heads
         self.mod_emb = nn.ParameterDict({e: nn.Parameter(torch.zeros(D))         # shared encoder/decoder
@@ -300,7 +301,7 @@ class TerraMind(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(D))
         self.encoder = nn.ModuleList(Block(c) for _ in range(c.encoder_depth))
         self.encoder_norm = layer_norm(D)
-        self.decoder_proj_context = nn.Linear(D, D)
+        self.decoder_proj_context = Linear(D, D)
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_depth))
         self.decoder_norm = layer_norm(D)
         self.register_buffer("pos_image", sincos_2d(c.grid, D), persistent=False)   # (grid^2, D)
@@ -427,7 +428,7 @@ class TerraMind(nn.Module):
         for e in self.config.targets:
             sel = tg_mod == ENTRY_INDEX[e]
             if bool(sel.any()):
-                logits = F.linear(y[sel], self.target_emb[e].weight)                 # (K, V)
+                logits = linear(y[sel], self.target_emb[e].weight)                   # (K, V)
                 losses[e] = F.cross_entropy(logits, ids[sel])
         if not losses:
             raise ValueError("batch has no target slots (all target_mod are -1)")
@@ -536,7 +537,7 @@ class TerraMind(nn.Module):
             y = self.target_emb[target](prefix) + (self.pos_seq[:K] + self.mod_emb[target])
             self_mask = torch.ones(K, K, dtype=torch.bool, device=y.device).tril()   # causal
         y = self.forward_decoder(y, enc, self_mask)
-        return F.linear(y, self.target_emb[target].weight)                           # (B, K, V)
+        return linear(y, self.target_emb[target].weight)                             # (B, K, V)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
 

@@ -13,6 +13,16 @@ dependency). Measure under the CPU lock:
     flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py
     flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --official-attention snapshot
     flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --fused-adamw ours
+    flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --no-onednn
+    flock /tmp/cpu.lock ~/oracle/bin/python bench/bench_terramind.py --matmul-precision medium
+
+--matmul-precision: importing terratorch sets torch's float32 matmul precision to "medium" for the whole
+process (terratorch/models/backbones/clay_v15/model.py does it at import). "medium" lets PyTorch compute fp32
+matmuls with bf16 arithmetic and sends CPU matmuls to oneDNN rather than MKL. Whether oneDNN then uses bf16
+depends on the CPU; on this project's AMD EPYC machines its results stay at fp32 accuracy. The benchmark therefore sets the precision again after the imports, for both sides:
+  * `highest` (the default, and PyTorch's own default): fp32 arithmetic, as the benchmark is specified;
+  * `medium`: the state terratorch leaves, for comparison.
+At "highest", ours routes its CPU fp32 matmuls to oneDNN itself (cpu_linear.py); `--no-onednn` turns that off.
 
 --fused-adamw: `none` (default) times both sides with torch's default AdamW (foreach), so the ratio compares the
 models alone; `both` gives both sides torch's fused AdamW; `ours` gives ours the fused AdamW that pretrain.py
@@ -120,7 +130,10 @@ def setup(side, args):
         from terratorch.models.backbones.terramind.model import tm_utils
         snapshot_attention(tm_utils)
     batch = make_batch(args.batch_size, args.n_in, args.n_tgt)
+    torch.set_float32_matmul_precision(args.matmul_precision)   # after the terratorch import, which sets "medium"
     if side == "ours":
+        import cpu_linear
+        cpu_linear.ENABLED = not args.no_onednn
         model = TerraMind.from_official(official.state_dict(), "tiny")
         del official
         return model, lambda: model(batch)[0]
@@ -180,6 +193,11 @@ def main():
                         "85467a9 (explicit masked softmax)")
     p.add_argument("--fused-adamw", choices=["none", "both", "ours"], default="none",
                    help="which sides use torch's fused AdamW (default none: both use the foreach default)")
+    p.add_argument("--matmul-precision", choices=["highest", "medium"], default="highest",
+                   help="torch float32 matmul precision for both sides (highest: fp32 arithmetic; medium: what "
+                        "importing terratorch sets)")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="ours without cpu_linear's oneDNN route for CPU fp32 matmuls (plain F.linear)")
     p.add_argument("--memory-of", choices=["ours", "official"], help=argparse.SUPPRESS)  # internal: child
     args = p.parse_args()
     if args.memory_of:
@@ -188,7 +206,8 @@ def main():
     tokens = args.batch_size * (args.n_in + args.n_tgt)
     print(f"tiny | batch {args.batch_size} x ({args.n_in} input + {args.n_tgt} target) tokens | fp32 | "
           f"{args.threads} threads | torch {torch.__version__} | official attention: {args.official_attention} | "
-          f"fused AdamW: {args.fused_adamw} | "
+          f"fused AdamW: {args.fused_adamw} | matmul precision: {args.matmul_precision} | "
+          f"ours' oneDNN route: {'off' if args.no_onednn else 'on'} | "
           f"{args.warmup} warm-up + {args.steps} timed steps each, alternating")
     sides = {s: setup(s, args) for s in ("official", "ours")}
     for s in sides:

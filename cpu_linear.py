@@ -1,0 +1,80 @@
+"""
+Linear layers whose fp32 matrix products on CPU run on oneDNN rather than MKL.
+
+Why: at PyTorch's default float32 matmul precision ("highest"), an fp32 matrix product on CPU goes to MKL's
+sgemm. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has AVX-512, while oneDNN (built into the same
+PyTorch) picks its kernels from the instruction set alone. On this project's 2-core AMD EPYC machines,
+oneDNN's fp32 inner product runs the TerraMind `tiny` shapes at 450-500 GFLOP/s, and MKL at 210-220
+(bench/bench_linear.py). It is still fp32 arithmetic: the results differ from MKL's only by summation order,
+at float32 rounding level (tests/test_cpu_linear.py).
+
+  * `linear(x, w, b)` is `F.linear` with this routing. `Linear` is an `nn.Linear` that calls it, with the
+    same parameters and state-dict keys, so official checkpoints load unchanged.
+  * Everything else goes to `F.linear`, which leaves the choice to PyTorch. That covers GPU tensors, dtypes
+    other than float32, autocast, torch.compile tracing, empty inputs and PyTorch builds without oneDNN.
+    It also covers any float32 matmul precision other than "highest": "high" or "medium" (terratorch sets
+    "medium" when it is imported) let PyTorch use oneDNN itself, with bf16 arithmetic allowed where the CPU
+    has it.
+  * `ENABLED = False` turns the routing off. The benchmark uses it to time the model with and without.
+
+On CPUs where MKL already uses AVX-512 (Intel), both libraries run at about the same speed.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+ENABLED = True
+try:   # oneDNN's fp32 inner product on dense tensors: a @ b.T + bias (the op torch.compile's CPU backend uses)
+    _INNER_PRODUCT = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+except (AttributeError, RuntimeError):
+    _INNER_PRODUCT = None
+
+
+def _mm_t(a, b, bias=None):
+    """a (..., K) @ b (O, K).T (+ bias) -> (..., O), through oneDNN."""
+    return _INNER_PRODUCT(a, b, bias, "none", [], "")
+
+
+def uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether linear(x, w) takes the oneDNN path."""
+    return (ENABLED and _INNER_PRODUCT is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and x.numel() > 0 and torch.get_float32_matmul_precision() == "highest"
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):                                                       # x (..., I), w (O, I)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return _mm_t(x, w, b)                                                        # (..., O)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):                                                            # g (..., O)
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm_t(g, w.t())                                                     # (..., I) = g @ w
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])             # (N, O), (N, I)
+        if ctx.needs_input_grad[1]:
+            # (O, I) = g2.T @ x2. oneDNN is faster (measured) when the longer of O, I sits on its weight side.
+            gw = _mm_t(x2.t(), g2.t()).t() if w.shape[0] >= w.shape[1] else _mm_t(g2.t(), x2.t())
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)                                                           # (O,)
+        return gx, gw, gb
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (x @ w.T + b). CPU fp32 products go through oneDNN (see the module docstring)."""
+    if uses_onednn(x, w):
+        return _OneDNNLinear.apply(x, w, b)
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`: same parameters, initialization and state-dict keys."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,78 @@
+"""cpu_linear.py: the oneDNN route gives F.linear's values and gradients (float64 as the outside reference),
+and hands back to F.linear wherever it does not apply."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpu_linear
+from cpu_linear import Linear, linear, uses_onednn
+from terramind import TerraMind, TerraMindConfig
+from test_terramind import rel, smoke_batch
+
+needs_onednn = pytest.mark.skipif(cpu_linear._INNER_PRODUCT is None, reason="PyTorch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [((3, 5, 24), 40), ((37, 40), 24), ((2, 9, 16), 16)])   # O > I, O < I, O = I
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_equal_float64(shape, bias):
+    (x_shape, out), g = shape, torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=g, requires_grad=True)
+    w = torch.randn(out, x_shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(out, generator=g, requires_grad=True) if bias else None
+    grad = torch.randn(*x_shape[:-1], out, generator=g)
+    assert uses_onednn(x, w)
+    y = linear(x, w, b)
+    y.backward(grad)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None)
+    ref.backward(grad.double())
+    assert y.dtype == torch.float32 and rel(y.detach(), ref.detach()) < 1e-6
+    for t, r in zip(leaves, ref_leaves):
+        assert t.grad.shape == t.shape and rel(t.grad, r.grad) < 1e-6
+
+
+@needs_onednn
+def test_input_without_gradient_and_no_grad_mode():
+    layer, x = Linear(12, 20), torch.randn(4, 12)
+    layer(x).sum().backward()                                   # pixels: no gradient wanted for the input
+    assert layer.weight.grad is not None and layer.bias.grad is not None
+    with torch.no_grad():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+
+def test_defers_to_f_linear_where_the_route_does_not_apply(monkeypatch):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert not uses_onednn(x.double(), w.double())
+    assert not uses_onednn(x[:0], w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not uses_onednn(x, w)
+        assert linear(x, w).dtype == torch.bfloat16             # autocast still applies, through F.linear
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")            # as importing terratorch leaves it
+        assert not uses_onednn(x, w)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    monkeypatch.setattr(cpu_linear, "ENABLED", False)
+    assert not uses_onednn(x, w)
+
+
+@needs_onednn
+def test_terramind_step_is_the_same_with_and_without_the_route(monkeypatch):
+    torch.manual_seed(0)
+    config = TerraMindConfig.preset("smoke")
+    model, batch = TerraMind(config), smoke_batch(config, 2)
+    assert all(type(m) is Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(cpu_linear, "ENABLED", enabled)
+        model.zero_grad(set_to_none=True)
+        loss, _ = model(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert rel(loss, loss_ref) < 1e-6 and grads.keys() == grads_ref.keys()
+    for n in grads:
+        assert rel(grads[n], grads_ref[n]) < 1e-4, n
