@@ -35,6 +35,7 @@ Public API (`from terramind import TerraMind, TerraMindConfig`):
 
 Image positions: a fixed 2D sin-cos table built for `config.grid`; other grids bicubic-interpolate it, as
 the official code does (a model trained on 64 px tiles uses grid=4, official weights use 14).
+Linear layers and output heads are cpu_linear's: on CPU in fp32 their matrix products run on oneDNN (faster).
 
     python terramind.py info --size tiny                                    # parameters, FLOPs per token
     python terramind.py info --size smoke --n-in 64 --n-tgt 64
