@@ -2,11 +2,12 @@
 Linear layers whose fp32 matrix products on CPU run on oneDNN rather than MKL.
 
 Why: at PyTorch's default float32 matmul precision ("highest"), an fp32 matrix product on CPU goes to MKL's
-sgemm. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has AVX-512, while oneDNN (built into the same
-PyTorch) picks its kernels from the instruction set alone. On this project's 2-core AMD EPYC machines,
-oneDNN's fp32 inner product runs the TerraMind `tiny` layer shapes at 370-490 GFLOP/s (forward) and
-360-465 (forward + backward), and MKL at 185-230 (bench/bench_linear.py). It is still fp32 arithmetic: the results differ from MKL's only by summation order,
-at float32 rounding level (tests/test_cpu_linear.py).
+sgemm. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has AVX-512 (seen here on an AMD EPYC), while
+oneDNN (built into the same PyTorch) picks its kernels from the instruction set alone. On this project's
+2-core AMD EPYC machines, oneDNN's fp32 inner product runs the TerraMind `tiny` layer shapes at 370-490
+GFLOP/s (forward) and 360-465 (forward + backward), and MKL at 185-230 (bench/bench_linear.py). It is still
+fp32 arithmetic: the results differ from MKL's only by summation order, at float32 rounding level
+(tests/test_cpu_linear.py).
 
   * `linear(x, w, b)` is `F.linear` with this routing. `Linear` is an `nn.Linear` that calls it, with the
     same parameters and state-dict keys, so official checkpoints load unchanged.

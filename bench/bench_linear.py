@@ -28,6 +28,8 @@ SHAPES = {  # name: (tokens, in features, out features)
 }
 
 
+# Not bench_tokenizer.timed: importing that file imports terratorch where installed, which sets the matmul
+# precision to "medium" and would take the oneDNN route away (see bench_terramind.py).
 def timed(fn, reps):
     for _ in range(3):
         fn()
@@ -48,7 +50,8 @@ def main():
     print(f"torch {torch.__version__} | {args.threads} threads | CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} | matmul precision {torch.get_float32_matmul_precision()} | "
           f"oneDNN route {'available' if cpu_linear._INNER_PRODUCT is not None else 'NOT available'}")
-    print(f"{'shape':16s} {'pass':9s} {'F.linear':>18s} {'cpu_linear':>18s} {'speed-up':>8s} {'rel. err F / ours':>20s}")
+    print(f"{'shape':16s} {'pass':9s} {'F.linear':>18s} {'cpu_linear':>18s} {'speed-up':>8s} "
+          f"{'rel. err F / ours':>20s}")
     g = torch.Generator().manual_seed(0)
     for name, (n, i, o) in SHAPES.items():
         x = torch.randn(n, i, generator=g, requires_grad=True)

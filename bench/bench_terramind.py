@@ -19,7 +19,8 @@ dependency). Measure under the CPU lock:
 --matmul-precision: importing terratorch sets torch's float32 matmul precision to "medium" for the whole
 process (terratorch/models/backbones/clay_v15/model.py does it at import). "medium" lets PyTorch compute fp32
 matmuls with bf16 arithmetic and sends CPU matmuls to oneDNN rather than MKL. Whether oneDNN then uses bf16
-depends on the CPU; on this project's AMD EPYC machines its results stay at fp32 accuracy. The benchmark therefore sets the precision again after the imports, for both sides:
+depends on the CPU; on this project's AMD EPYC machines its results stay at fp32 accuracy. The benchmark
+therefore sets the precision again after the imports, for both sides:
   * `highest` (the default, and PyTorch's own default): fp32 arithmetic, as the benchmark is specified;
   * `medium`: the state terratorch leaves, for comparison.
 At "highest", ours routes its CPU fp32 matmuls to oneDNN itself (cpu_linear.py); `--no-onednn` turns that off.
