@@ -1,7 +1,7 @@
 """
 PANGAEA evaluation (paper Table 6) and few-shot classification (paper Tables 5, 11) of a frozen TerraMind encoder.
 
-Segmentation, the PANGAEA protocol (../shared/spec/pangaea.md §3): frozen encoder; four encoder blocks ([3, 5, 7,
+Segmentation, the PANGAEA protocol (PANGAEA, Marsocci et al. 2024, §4): frozen encoder; four encoder blocks ([3, 5, 7,
 11] of 12, [7, 11, 15, 23] of 24) as grids into UPerNet (neck x4/x2/x1/x0.5, pooling 1/2/3/6, 512 channels,
 dropout 0.1); AdamW lr 1e-4, wd 0.05, batch 8, 80 epochs, lr x0.1 at 60%/90% of the iterations; random 224 crops;
 224 sliding windows, overlaps averaged; one confusion matrix per split -> IoU and mIoU as PANGAEA computes them.

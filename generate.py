@@ -21,7 +21,7 @@ Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `genera
     python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=data/synth/S2L2A/00005.tif \\
         --targets LULC,S1GRD,DEM,coords --out out/gen
     python generate.py eval --model ckpt/terramind.safetensors --tokenizers ckpt/ --data data/synth --split test \\
-        --n 64 --temperature 0 --sen1floods11 ../shared/realdata/sen1floods11 --out out/eval
+        --n 64 --temperature 0 --sen1floods11 assets/sen1floods11 --out out/eval
     # one GPU: the same with --device cuda (and --batch-size 64 windows per forward pass)
 There is no multi-GPU variant: generation is inference, one process per GPU over separate files.
 """
@@ -50,14 +50,13 @@ from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset,
                        modality, parse_coords, read_input, render, save_sheet, standardize,
                        write_geotiff, write_text)
 from terramind import Encoded, TerraMind, entry_kind
-from text_tokenizer import EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
+from text_tokenizer import EOS_ID, OFFICIAL_VOCAB, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
 
 S_1, S_2 = sentinel_id(1), sentinel_id(2)   # 4M sequence layout: input [S_1], target [S_1] ... [S_2]
 SENTINELS = range(sentinel_id(0), sentinel_id(199) + 1)
 _IDS = {t: i for i, (t, _) in enumerate(official_added_tokens())}
 COORDS_LAYOUT = (range(_IDS["lat=-90.00"], _IDS["lat=90.00"] + 1), range(_IDS["lon=-180.00"], _IDS["lon=180.00"] + 1),
                  range(EOS_ID, EOS_ID + 1), range(S_2, S_2 + 1))   # [S_1] lat lon [EOS] [S_2] (masking.py)
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "shared" / "spec" / "terramind_v1_wordpiece_30k.json"
 
 # -----------------------------------------------------------------------------------------------------------
 # Schedules (4M fourm/utils/generation.py; 4m.md §3.3-3.4)
@@ -437,7 +436,7 @@ def load_stack(args):
     """Model, tokenizers and the WordPiece vocabulary (--text-tokenizer, else the one the checkpoint was
     pretrained with, else the official v1 one)."""
     model = TerraMind.from_checkpoint(args.model, args.device).eval()
-    text = args.text_tokenizer or read_header(args.model).get("run", {}).get("text_tokenizer") or DEFAULT_TEXT
+    text = args.text_tokenizer or read_header(args.model).get("run", {}).get("text_tokenizer") or OFFICIAL_VOCAB
     if not Path(text).exists():
         warnings.warn(f"text tokenizer {text} not found: no coords / captions (pass --text-tokenizer)")
     text = WordPieceTokenizer.from_file(text) if Path(text).exists() else None

@@ -1,6 +1,6 @@
 """
 4M masking for TerraMind pretraining: per sample, split an input and a target token budget across the
-model's entries, then choose which tokens fill them (4M: ../shared/spec/4m.md §1; paper §3.2).
+model's entries, then choose which tokens fill them (4M, Mizrahi et al. 2023, §3 and its masking code; paper §3.2).
 
 Consumes one sample dict as terramesh.TerraMeshDataset returns it (standardized pixels (C, H, W) under the
 modality name) plus the token inputs, keyed by entry name (see terramind.py):

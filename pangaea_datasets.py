@@ -1,5 +1,5 @@
 """
-PANGAEA dataset readers (../shared/spec/pangaea.md §1-2): the benchmark's on-disk formats and configs, users' data
+PANGAEA dataset readers (PANGAEA: Marsocci et al. 2024, and its pangaea-bench dataset configs): the benchmark's on-disk formats and configs, users' data
 in the TerraMesh layout with a label folder, image folders for few-shot classification.
 
 Consumes dataset folders as the benchmark ships them (each reader's docstring gives its layout); produces samples

@@ -1,5 +1,5 @@
 """
-Pretraining: masked cross-modal token prediction (paper §3.2, 4M: ../shared/spec/4m.md §1-§2), from a CPU
+Pretraining: masked cross-modal token prediction (paper §3.2 and §8.2; 4M, Mizrahi et al. 2023, §3), from a CPU
 smoke run to DDP on GPU nodes, one file.
 
 Consumes a TerraMesh-layout folder (--data, with splits/{train,val}.txt): pixel tiles for the pixel entries
@@ -54,9 +54,8 @@ from pictures import plot_curves
 from terramesh import PATCH, TerraMeshDataset, load_safetensors, parse_coords, save_safetensors
 from terramind import (ENTRIES, ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig, entry_kind,
                        flops_per_token)
-from text_tokenizer import WordPieceTokenizer
+from text_tokenizer import OFFICIAL_VOCAB, WordPieceTokenizer
 
-OFFICIAL_VOCAB = Path(__file__).resolve().parent.parent / "shared" / "spec" / "terramind_v1_wordpiece_30k.json"
 SIZE_DEFAULTS = {  # micro-batch per process, token budget (input + target); paper: 500B tokens
     "smoke": dict(batch_size=32, tokens=2e6), "tiny": dict(batch_size=64, tokens=500e9),
     "small": dict(batch_size=64, tokens=500e9), "base": dict(batch_size=64, tokens=500e9),

@@ -18,7 +18,7 @@ FEWSHOT_RUNS=${FEWSHOT_RUNS:-200}         # few-shot runs averaged (paper: 200)
 WAYS=${WAYS:-5}                           # few-shot classes per run (dominant LULC classes)
 PY=${PYTHON:-python}
 DATA=$OUT/synth; TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
-REAL=../shared/realdata                   # optional real samples; stages that use them skip without
+REAL=assets                               # the real samples vendored in the repository (assets/README.md)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 SECONDS=0; : > "$OUT/times.tsv"
@@ -60,7 +60,7 @@ $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$DATA/S2L2A/
     --out "$OUT/generate/chained"
 $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$DATA/S1GRD/$TILE.tif" \
     --input DEM="$DATA/DEM/$TILE.tif" --targets S2L2A,LULC --scheme roar --steps 4 --out "$OUT/generate/any2any"
-S1F11=(); [ -d "$REAL/sen1floods11" ] && S1F11=(--sen1floods11 "$REAL/sen1floods11")
+S1F11=(--sen1floods11 "$REAL/sen1floods11")
 $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
     --temperature 0 --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \
     "${S1F11[@]}" --out "$OUT/generate/eval"

@@ -31,7 +31,7 @@ EVAL_N=${EVAL_N:-500}
 PY=${PYTHON:-python}
 TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
 TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
-REAL=../shared/realdata
+REAL=assets                                   # the real samples vendored in the repository (assets/README.md)
 mkdir -p "$OUT"
 SECONDS=0; : > "$OUT/times.tsv"
 stage() { echo; echo "== $1 ($SECONDS s)"; }
@@ -78,7 +78,7 @@ $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$DATA/S2L2A/
 $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$DATA/S1GRD/$TILE.tif" \
     --input DEM="$DATA/DEM/$TILE.tif" --targets S2L2A,LULC --scheme roar --steps 8 --device cuda \
     --out "$OUT/generate/any2any"
-S1F11=(); [ -d "$REAL/sen1floods11" ] && S1F11=(--sen1floods11 "$REAL/sen1floods11")
+S1F11=(--sen1floods11 "$REAL/sen1floods11")
 $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
     --temperature 0 --batch-size 64 --device cuda \
     --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \

@@ -6,7 +6,7 @@ is the one place that names a modality. It holds
 
   * `MODALITIES`, the modality table: kind, bands in the official channel order, how the modality enters
     the model (pixels and/or tokens), vocabulary, the official v1 normalization constants and the
-    official state-dict keys (../shared/spec/terramind_official.md §1);
+    official state-dict keys (official: terratorch .../terramind/model/terramind_register.py);
   * `TerraMeshDataset`, a reader for `<root>/<MODALITY>/<sample_id>.tif` (+ `caption/<id>.txt`,
     `coords/<id>.txt`) that returns standardized tensors and refuses bad files with a clear error;
   * the `synth` command, which writes the synthetic world of synthetic.py (physically correlated
@@ -18,7 +18,7 @@ It consumes GeoTIFF folders and produces nothing but folders and pictures; later
     python terramesh.py synth --out data/synth --n 2000 --size 64      # synthetic world (CPU, seconds)
     python terramesh.py stats --root data/synth                        # per-band stats vs official ones
     python terramesh.py show --root data/synth --id 00000 --out sample.png
-    python terramesh.py show --root ../shared/realdata/terramesh --id 637U_59R_1_3 --out real.png
+    python terramesh.py show --root assets/terramesh --id 637U_59R_1_3 --out real.png
 
 There is no GPU or multi-GPU variant of this stage: it is numpy on one CPU process.
 """

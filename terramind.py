@@ -3,7 +3,7 @@ TerraMind: the dual-scale any-to-any encoder-decoder (paper §3; 4M-style masked
 
 The encoder reads pixel patches and discrete tokens of any modalities; the decoder predicts masked target
 tokens of any token modality. Architecture, sizes and initialization follow the official implementation
-(../shared/spec/terramind_official.md §3, §7); official `TerraMind_v1_<size>.pt` weights load strictly.
+(official: terratorch .../terramind/model/terramind.py, tm_utils.py); official `TerraMind_v1_<size>.pt` weights load strictly.
 
 Model inputs and targets are called *entries*, named from the modality table (terramesh.MODALITIES):
   * "S2L2A", "S2L1C", "S2RGB", "S1GRD", "S1RTC", "DEM": standardized pixels, float (B, C, H, W);

@@ -3,7 +3,8 @@ The text stage: one WordPiece tokenizer for captions and geolocations, by hand, 
 
 TerraMind tokenizes both sequence modalities with one adapted BERT WordPiece vocabulary (30k entries) whose
 first 6366 ids are "added tokens": [PAD] [UNK] [SOS] [EOS], the 4M sentinels [S_0]..[S_199], 4M's detection
-tokens and one token per 0.25 degree of latitude and longitude (../shared/spec/terramind_official.md §6).
+tokens and one token per 0.25 degree of latitude and longitude (paper §3.1; official: the v1 vocabulary JSON
+shipped in `assets/official/`, and terratorch .../terramind/tokenizer/text_tokenizer.py).
 This file reads and writes the Hugging Face `tokenizers` JSON format and reproduces its encoding exactly:
 added tokens matched whole before normalization (leftmost-longest, `single_word` at word boundaries), BERT
 normalization, BERT pre-tokenization, greedy longest-match-first WordPiece with `##` continuations.
@@ -13,7 +14,7 @@ It consumes a tokenizer JSON (the official one, or one trained here from caption
 special, sentinel and coordinate token at its official id.
 
     python text_tokenizer.py train --corpus data/synth/caption --vocab-size 30000 --out data/tok.json
-    python text_tokenizer.py encode --tokenizer ../shared/spec/terramind_v1_wordpiece_30k.json "A river."
+    python text_tokenizer.py encode "A river."          # the official v1 vocabulary, vendored in assets/official/
 
 There is no GPU or multi-GPU variant: tokenization is plain Python on one CPU process (a DataLoader's
 workers each hold a copy).
@@ -40,6 +41,7 @@ from terramesh import format_coords, parse_coords, write_text
 # The official layout of the first 6366 ids (spec §6); a trained vocabulary keeps it.
 
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
+OFFICIAL_VOCAB = Path(__file__).resolve().parent / "assets" / "official" / "terramind_v1_wordpiece_30k.json"
 SENTINEL_ID = 4          # [S_k] has id 4 + k; 4M numbers span sentinels from [S_1] (4m.md §1.5)
 N_SENTINELS = 200
 COORD_STEP = 0.25        # official: coordinates are snapped with round(x * 4) / 4
@@ -478,8 +480,8 @@ def main():
     p.add_argument("--vocab-size", type=int, default=30_000, help="largest vocabulary (official: 30000)")
     p.add_argument("--out", required=True, help="tokenizer JSON to write (Hugging Face `tokenizers` format)")
     p = sub.add_parser("encode", help="print the ids and pieces of a text")
-    p.add_argument("--tokenizer", required=True,
-                   help="tokenizer JSON, e.g. ../shared/spec/terramind_v1_wordpiece_30k.json")
+    p.add_argument("--tokenizer", default=str(OFFICIAL_VOCAB),
+                   help="tokenizer JSON (default: the official v1 vocabulary in assets/official/)")
     p.add_argument("text", help="text to encode")
     args = parser.parse_args()
 

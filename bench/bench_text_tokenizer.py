@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL = ROOT.parent / "shared" / "spec" / "terramind_v1_wordpiece_30k.json"
+OFFICIAL = ROOT / "assets" / "official" / "terramind_v1_wordpiece_30k.json"
 
 
 def best_rate(fn, n_items, repeats):

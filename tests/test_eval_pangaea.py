@@ -19,7 +19,7 @@ import pangaea_datasets as pds
 from terramesh import MODALITIES
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "realdata"
+REAL = ROOT / "assets"
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -138,8 +138,6 @@ def test_sen1floods11_fixture(tmp_path):
 
 def _real_sen1floods11(tmp_path):
     src = REAL / "sen1floods11"
-    if not src.is_dir():
-        pytest.skip("../shared/realdata/sen1floods11 not present")
     d = tmp_path / "v1.1/data/flood_events/HandLabeled"
     for sub, name in (("S1", "S1Hand"), ("S2", "S2Hand"), ("Labels", "LabelHand")):
         (d / name).mkdir(parents=True)

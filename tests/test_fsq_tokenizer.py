@@ -15,8 +15,8 @@ from metrics import codebook_usage, reconstruction_metrics, ssim
 from test_diffusion_decoder import load_fixture, official_state, rel
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC_KEYS = ROOT.parent / "shared" / "spec" / "keys"
-REAL = ROOT.parent / "shared" / "realdata" / "terramesh"
+SPEC_KEYS = ROOT / "assets" / "official" / "keys"
+REAL = ROOT / "assets" / "terramesh"
 
 
 def fixture_tokenizer(name):
@@ -62,8 +62,6 @@ def test_fsq_levels_and_straight_through_gradient():
     ("DEM", "dem", 286_316_821), ("NDVI", "dem", 286_316_821), ("LULC", "lulc", 183_894_021)])
 def test_official_preset_matches_official_keys_and_sizes(modality, keys, n_params):
     path = SPEC_KEYS / f"terramind_v1_tokenizer_{keys}_keys.txt"
-    if not path.exists():
-        pytest.skip(f"{path} not available")
     expected = {}
     for line in path.read_text().splitlines():
         k, shape = line.split("\t")
@@ -202,7 +200,6 @@ def test_train_tokenize_reconstruct_commands(tmp_path):
     assert "mean image" in out and (tmp_path / "rec" / "metrics_LULC.json").exists()
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="real TerraMesh tiles not available")
 def test_real_tiles_tokenize_to_14x14():
     ds = terramesh.TerraMeshDataset(REAL, ["S2L2A", "LULC"], size=224)
     model = ImageTokenizer(TokenizerConfig.preset("smoke", "S2L2A"))

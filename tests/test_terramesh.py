@@ -13,17 +13,17 @@ import torch
 import synthetic
 import terramesh as tm
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SPEC = SHARED / "spec" / "terramind_official.md"
-REAL = SHARED / "realdata" / "terramesh"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SPEC = ASSETS / "official" / "standardization.md"
+REAL = ASSETS / "terramesh"
 REAL_IDS = ["38D_378R_2_3", "637U_59R_1_3"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The modality table against ../shared/spec
+# The modality table against the official constants and keys (assets/official)
 
 def _spec_constants():
-    """Parses the standardization table of spec §1.3: {official key: (mean, std)}."""
+    """Parses the official standardization table (assets/official/standardization.md): {key: (mean, std)}."""
     out = {}
     for line in SPEC.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -38,7 +38,6 @@ def _spec_constants():
     return out
 
 
-@pytest.mark.skipif(not SPEC.exists(), reason="../shared/spec is absent")
 def test_normalization_constants_match_spec():
     spec = _spec_constants()
     assert len(spec) == 12
@@ -52,10 +51,9 @@ def test_normalization_constants_match_spec():
     assert checked == 12   # 6 pixel keys + 6 token keys: every entry of the spec table
 
 
-@pytest.mark.skipif(not SPEC.exists(), reason="../shared/spec is absent")
 def test_keys_and_channels_match_official_state_dict():
     shapes = {}
-    for line in (SPEC.parent / "keys" / "terramind_tiny_keys.txt").read_text().splitlines():
+    for line in (ASSETS / "official" / "keys" / "terramind_tiny_keys.txt").read_text().splitlines():
         key, shape = line.split("\t")
         shapes[key] = tuple(int(v) for v in re.findall(r"\d+", shape))
     for m in tm.MODALITIES.values():
@@ -95,7 +93,6 @@ def test_standardize_round_trip():
 # ---------------------------------------------------------------------------------------------------------
 # Real TerraMesh tiles
 
-@pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata is absent")
 def test_real_tiles_load():
     ds = tm.TerraMeshDataset(REAL)
     assert ds.ids == REAL_IDS
@@ -116,7 +113,6 @@ def test_real_tiles_load():
     assert tm.destandardize("DEM", ds[1]["DEM"]).max() < 50
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata is absent")
 def test_real_tile_crop_and_geotags(tmp_path):
     ds = tm.TerraMeshDataset(REAL, modalities=["S2L2A", "LULC"], size=64, crop="random", seed=3)
     a, b = ds[0], ds[0]

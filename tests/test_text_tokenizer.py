@@ -16,14 +16,12 @@ from text_tokenizer import (EOS_ID, PAD_ID, WordPieceTokenizer, official_added_t
                             sentinel_id)
 
 ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL = ROOT.parent / "shared" / "spec" / "terramind_v1_wordpiece_30k.json"
+OFFICIAL = ROOT / "assets" / "official" / "terramind_v1_wordpiece_30k.json"
 EXPECTED = ROOT / "tests" / "fixtures" / "text_tokenizer_expected.json"
 
 
 @pytest.fixture(scope="module")
 def official():
-    if not OFFICIAL.exists():
-        pytest.skip(f"{OFFICIAL} not present")
     return WordPieceTokenizer.from_file(OFFICIAL)
 
 

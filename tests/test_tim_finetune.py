@@ -13,7 +13,7 @@ import terramesh
 from terramind import TerraMind, TerraMindConfig
 from tim_finetune import TiMSegmenter, main, tim_tokens
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "realdata" / "sen1floods11"
+REAL = Path(__file__).resolve().parents[1] / "assets" / "sen1floods11"
 CHIP = "Spain_7370579"
 
 
@@ -154,7 +154,6 @@ def test_resume_equals_uninterrupted(random_terramind, world, tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/realdata absent")
 def test_sen1floods11_format_trains(random_terramind, tmp_path):
     """The v1.1 layout (split CSVs, HandLabeled/{S1Hand,S2Hand,LabelHand}) with the real chip in every split."""
     base = tmp_path / "sf11" / "v1.1"
@@ -172,7 +171,6 @@ def test_sen1floods11_format_trains(random_terramind, tmp_path):
     assert 0 <= r["test"]["iou"][1] <= 100 and np.isfinite(r["test"]["loss"]) and r["args"]["crop"] == 256
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/realdata absent")
 def test_predict_real_chip(pretrained, tmp_path):
     """A TiM model fine-tuned from the pretrained smoke TerraMind, then `predict` on the 512 px Sen1Floods11 chip
     (S1 channel-first float32 dB with a NaN hole, S2 13-band L1C) in 64 px sliding windows."""
