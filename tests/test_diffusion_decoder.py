@@ -50,9 +50,32 @@ def test_schedule_facts():
     assert torch.all(ab[1:] < ab[:-1])
 
 
+def schedule_float64() -> torch.Tensor:
+    """The zero-terminal-SNR schedule (Lin et al. 2023, Algorithm 1) in float64: the closed form that float32
+    implementations approximate."""
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    sqrt_ab = (sqrt_ab - sqrt_ab[-1]) * (sqrt_ab[0] / (sqrt_ab[0] - sqrt_ab[-1]))
+    ab = sqrt_ab ** 2
+    return torch.cumprod(torch.cat([ab[:1], ab[1:] / ab[:-1]]), 0)
+
+
+def float32_schedule_bound() -> torch.Tensor:
+    """Worst-case error (T,) of a float32 schedule: each of its two cumulative products of t + 1 factors adds
+    at most one rounding (unit roundoff u = 2^-24) per factor and one in forming the factor, so the relative
+    error of ab_t grows at most linearly, 2 (t + 1) u per product: 4 (t + 1) u ab_t in all, whatever order a
+    torch build multiplies in."""
+    t = torch.arange(1000, dtype=torch.float64)
+    return 4 * (t + 1) * 2.0 ** -24 * schedule_float64()
+
+
 def test_schedule_and_timesteps_equal_official():
     tensors, _ = load_fixture("s2l2a")
-    assert torch.allclose(make_schedule(), tensors["alphas_cumprod"].float(), rtol=0, atol=1e-7)
+    exact, bound = schedule_float64(), float32_schedule_bound()
+    # ours and the official float32 schedules, each within float32 error of the same closed form
+    for ab in (make_schedule(), tensors["alphas_cumprod"]):
+        assert ab.dtype == torch.float32 and ab[-1] == 0
+        assert ((ab.double() - exact).abs() <= bound).all()
     assert trailing_timesteps(10) == tensors["timesteps10"].tolist() == list(range(999, 0, -100))
     assert trailing_timesteps(50) == tensors["timesteps50"].tolist()
     assert trailing_timesteps(50)[-1] == 19                            # spec §2.4: [999, 979, ..., 19]
