@@ -55,6 +55,51 @@ MIXTURES = {
     "s2l2a2all": [(lambda es: {"S2L2A": 1000.0}, _all(0.5))],                 # like 4M rgb2all
 }
 MIXTURES["mix"] = MIXTURES["all2allmix"] + MIXTURES["s2l2a2all"]
+SCALES = ("independent", "disjoint")   # how the pixel and token entries of one modality are masked (Masking)
+
+
+def _alphas(text: str, spec: str):
+    """'S2L2A=1000,*=0' -> entries -> {entry: alpha}; '*' stands for every entry not named (default 0)."""
+    named, rest = {}, 0.0
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        entry, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--alphas {spec!r}: {item!r} is not ENTRY=ALPHA")
+        if entry != "*" and entry not in ENTRY_INDEX:
+            raise ValueError(f"--alphas {spec!r}: unknown entry {entry!r}; entries are * {' '.join(ENTRIES)}")
+        alpha = float(value)
+        if alpha < 0:
+            raise ValueError(f"--alphas {spec!r}: alpha {alpha} of {entry} is negative")
+        if entry == "*":
+            rest = alpha
+        else:
+            named[entry] = alpha
+    return lambda entries: {e: named.get(e, rest) for e in entries}
+
+
+def parse_mixture(spec: str) -> list:
+    """A mixture of Dirichlet components from the command line -> [(input alphas, target alphas, weight)].
+    Components are separated by ';', each `INPUTS/TARGETS@WEIGHT` with comma lists of ENTRY=ALPHA (entries
+    as in terramind.ENTRIES: S2L2A is the pixel entry, tok_S2L2A the token one; * = every other entry),
+    or a MIXTURES name whose components share its weight; @WEIGHT (default 1) is the sampling weight
+    (4M sampling_weights). Example: 'S2L2A=1000/*=0.5@1;all2allmix@4'."""
+    out = []
+    for part in filter(None, (t.strip() for t in spec.split(";"))):
+        body, _, weight = part.partition("@")
+        w = float(weight) if weight else 1.0
+        if w <= 0:
+            raise ValueError(f"--alphas {spec!r}: weight {w} of {body!r} is not positive")
+        if "/" not in body:
+            if body not in MIXTURES:
+                raise ValueError(f"--alphas {spec!r}: {body!r} is neither INPUTS/TARGETS nor a named mixture "
+                                 f"({', '.join(MIXTURES)})")
+            out += [(a, t, w / len(MIXTURES[body])) for a, t in MIXTURES[body]]
+            continue
+        inputs, _, targets = body.partition("/")
+        out.append((_alphas(inputs, spec), _alphas(targets, spec), w))
+    if not out:
+        raise ValueError(f"--alphas {spec!r}: no component")
+    return out
 
 
 def sample_budgets(alphas, total: int, caps, rng: np.random.Generator) -> np.ndarray:
@@ -141,24 +186,38 @@ def mask_coords(ids: list, n_in: int, n_tgt: int, rng) -> tuple[list, list]:
 
 class Masking:
     """Callable sample -> fixed-shape masked sample (see the module docstring). `inputs`/`targets` are the
-    model's entries (TerraMindConfig.inputs/targets); `alphas` a MIXTURES name or a list of components."""
+    model's entries (TerraMindConfig.inputs/targets); `alphas` a MIXTURES name, a parse_mixture string or a
+    list of components (input alphas, target alphas[, weight]). `scales`: "independent" masks the pixel and
+    the token entry of one modality with separate permutations (4M, whose rgb@224 and tok_rgb@224 are two
+    modalities), so a token target can sit under a visible pixel patch; "disjoint" draws one permutation per
+    modality for both scales (pixel inputs, then token inputs, then token targets), so never."""
 
     def __init__(self, inputs, targets, input_budget: int = 256, target_budget: int = 256,
-                 alphas="all2all", grid: int = 14, tokenize=None):
+                 alphas="all2all", grid: int = 14, tokenize=None, scales: str = "independent"):
         self.inputs, self.targets = tuple(inputs), tuple(targets)
         for e in self.inputs + self.targets:
             entry_kind(e)
         if bad := [e for e in self.targets if entry_kind(e) == "pixels"]:
             raise ValueError(f"pixel entries cannot be targets: {bad}")
-        if isinstance(alphas, str) and alphas not in MIXTURES:
-            raise KeyError(f"unknown alpha mixture {alphas!r}; named mixtures: {', '.join(MIXTURES)}")
-        mixture = MIXTURES[alphas] if isinstance(alphas, str) else list(alphas)
+        if scales not in SCALES:
+            raise ValueError(f"unknown scale masking {scales!r}; choices: {', '.join(SCALES)}")
+        if isinstance(alphas, str):
+            mixture = MIXTURES[alphas] if alphas in MIXTURES else parse_mixture(alphas)
+        else:
+            mixture = list(alphas)
         self.input_budget, self.target_budget, self.grid, self.tokenize = input_budget, target_budget, grid, tokenize
+        self.scales = scales
         self.entries = tuple(e for e in ENTRIES if e in self.inputs or e in self.targets)
         self.components = [  # per component: (input alphas, target alphas) over self.entries
-            (np.array([a(self.inputs).get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries]),
-             np.array([t(self.targets).get(e, 0.0) if e in self.targets else 0.0 for e in self.entries]))
-            for a, t in mixture]
+            (np.array([c[0](self.inputs).get(e, 0.0) if e in self.inputs else 0.0 for e in self.entries]),
+             np.array([c[1](self.targets).get(e, 0.0) if e in self.targets else 0.0 for e in self.entries]))
+            for c in mixture]
+        self.weights = np.array([c[2] if len(c) > 2 else 1.0 for c in mixture])
+
+    def pixel_twin(self, e: str) -> str | None:
+        """The pixel entry of token entry e's modality when the model has it ("tok_S2L2A" -> "S2L2A")."""
+        twin = e.removeprefix("tok_")
+        return twin if entry_kind(e) == "tokens" and twin in self.entries else None
 
     def _empty(self, e):
         g, kind = self.grid, entry_kind(e)
@@ -193,6 +252,27 @@ class Masking:
         limit = COORDS_LEN - 1 if e == "coords" else entry_modality(e).max_length - 1
         return ids[:limit] + [EOS]
 
+    def _twin_inputs(self, n_in: np.ndarray) -> np.ndarray:
+        """Per entry, the input budget of its pixel twin under "disjoint" scales (0 otherwise): those
+        positions are not free for its targets."""
+        if self.scales == "independent":
+            return np.zeros_like(n_in)
+        twins = [self.pixel_twin(e) for e in self.entries]
+        return np.array([n_in[self.entries.index(t)] if t else 0 for t in twins])
+
+    def _image_positions(self, e: str, n_in, n_tgt, perms: dict, rng) -> tuple[np.ndarray, np.ndarray]:
+        """Input and target raster positions of image entry e. Independent: a fresh permutation, its first
+        n_in inputs, the next n_tgt targets (4M). Disjoint: the modality's permutation, drawn by the pixel
+        entry (which comes first in ENTRIES) and continued by the token entry after the pixel inputs."""
+        i, n = self.entries.index(e), self.grid ** 2
+        twin = self.pixel_twin(e) if self.scales == "disjoint" else None
+        if twin is None or twin not in perms:
+            perms[e.removeprefix("tok_")] = perm = rng.permutation(n)
+            return perm[:n_in[i]], perm[n_in[i]:n_in[i] + n_tgt[i]]
+        skip = n_in[self.entries.index(twin)]
+        perm = np.roll(perms[twin], -skip)   # the pixel inputs moved to the end
+        return perm[:n_in[i]], perm[n_in[i]:n_in[i] + n_tgt[i]]
+
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
         if rng is None:  # per-worker torch seeds make DataLoader workers draw differently
             rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
@@ -200,27 +280,31 @@ class Masking:
         have = np.array([data[e] is not None for e in self.entries])
         tokens = np.array([self.grid ** 2 if entry_kind(e) != "sequence" else
                            (len(data[e]) if data[e] is not None else 0) for e in self.entries])
-        usable = [c for c in self.components if (c[0] * have).any()]   # needs an input the sample has
+        usable = [k for k, c in enumerate(self.components) if (c[0] * have).any()]   # needs an input it has
         if not usable:
             raise ValueError(f"sample has none of the input entries its alpha mixture draws from "
                              f"(has {[e for e, h in zip(self.entries, have) if h]})")
-        alpha_in, alpha_tgt = usable[rng.integers(len(usable))]
+        weights = self.weights[usable]
+        if np.all(weights == weights[0]):   # uniform: 4M without sampling_weights
+            alpha_in, alpha_tgt = self.components[usable[rng.integers(len(usable))]]
+        else:
+            alpha_in, alpha_tgt = self.components[usable[rng.choice(len(usable), p=weights / weights.sum())]]
         n_in = sample_budgets(alpha_in, self.input_budget, np.where(have, tokens, 0), rng)
         seq_cap = np.array([entry_modality(e).max_length + 1 if entry_kind(e) == "sequence" else 0
                             for e in self.entries])
-        cap_tgt = np.where(seq_cap > 0, np.minimum(tokens + 2, seq_cap), tokens - n_in)
-        n_tgt = sample_budgets(alpha_tgt, self.target_budget, np.where(have, cap_tgt, 0), rng)
+        cap_tgt = np.where(seq_cap > 0, np.minimum(tokens + 2, seq_cap), tokens - n_in - self._twin_inputs(n_in))
+        n_tgt = sample_budgets(alpha_tgt, self.target_budget, np.where(have, np.maximum(cap_tgt, 0), 0), rng)
 
-        out, ins, tgts = {}, [], []
+        out, ins, tgts, perms = {}, [], [], {}
         for i, e in enumerate(self.entries):
             idx, x = ENTRY_INDEX[e], data[e]
             out[e] = self._empty(e) if x is None or entry_kind(e) == "sequence" else x
             if x is None:
                 continue
             if entry_kind(e) != "sequence":
-                perm = rng.permutation(self.grid ** 2)
-                ins += [(idx, p) for p in np.sort(perm[:n_in[i]])]
-                tgts += [(idx, p) for p in np.sort(perm[n_in[i]:n_in[i] + n_tgt[i]])]
+                inp, tgt = self._image_positions(e, n_in, n_tgt, perms, rng)
+                ins += [(idx, p) for p in np.sort(inp)]
+                tgts += [(idx, p) for p in np.sort(tgt)]
                 continue
             inp, tgt = (mask_coords if e == "coords" else mask_caption)(x, int(n_in[i]), int(n_tgt[i]), rng)
             off = entry_modality(e).max_length + 1
@@ -236,6 +320,22 @@ class Masking:
                 mod[:len(slots)], pos[:len(slots)] = torch.tensor(slots, dtype=torch.long).T
             out[name + "_mod"], out[name + "_pos"] = mod, pos
         return out
+
+
+def cross_scale_overlap(samples: list) -> dict:
+    """{token entry: share of its target positions that are pixel inputs of the same modality in the same
+    sample} over masked samples (Masking outputs); entries without a pixel twin or targets are left out."""
+    hits, counts = {}, {}
+    for s in samples:
+        for e in ENTRIES:
+            twin = e.removeprefix("tok_")
+            if entry_kind(e) != "tokens" or twin not in ENTRY_INDEX:
+                continue
+            tgt = s["target_pos"][s["target_mod"] == ENTRY_INDEX[e]]
+            seen = s["input_pos"][s["input_mod"] == ENTRY_INDEX[twin]]
+            hits[e] = hits.get(e, 0) + int(torch.isin(tgt, seen).sum())
+            counts[e] = counts.get(e, 0) + len(tgt)
+    return {e: hits[e] / counts[e] for e in counts if counts[e]}
 
 
 def to_official(batch: dict) -> dict:

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from masking import (EOS, MIXTURES, SENTINEL, Masking, fit_target, mask_caption, sample_budgets, span_mask,
-                     to_official)
+from masking import (EOS, MIXTURES, SENTINEL, Masking, cross_scale_overlap, fit_target, mask_caption, parse_mixture,
+                     sample_budgets, span_mask, to_official)
 from terramesh import MODALITIES
 from terramind import ENTRIES, PRESETS, entry_kind, official_key
 
@@ -143,7 +143,7 @@ def test_missing_modalities_and_bad_input():
     assert sorted(t for t in out["caption"].tolist() if t >= 7000) == [7001, 7004, 7005]
     with pytest.raises(ValueError, match="none of the input entries"):
         Masking(INPUTS, TARGETS, 16, 16, alphas="s2l2a2all", grid=4)(sample(0, drop=("S2L2A",)))
-    with pytest.raises(KeyError, match="all2allmix"):
+    with pytest.raises(ValueError, match="all2allmix"):
         Masking(INPUTS, TARGETS, alphas="nope")
 
 
@@ -180,3 +180,45 @@ def test_official_mod_dict_format():
         elif entry_kind(e) == "sequence":   # every target token but the last of each sample is a query
             rows = (~v["target_mask"]).any(1).sum()
             assert int((~v["target_mask"]).sum()) == n_tgt + rows
+
+
+def test_command_line_alphas_and_mixture_weights():
+    """parse_mixture: an alpha of 1000 on one entry takes its whole budget even beside small nonzero alphas
+    (Dirichlet(1000, 0.01, ...): that share is ~0.9999); @weights set how often each component is drawn."""
+    masking = Masking(INPUTS, TARGETS, 16, 32, alphas="tok_DEM=1000,*=0.01/*=0.5", grid=4)
+    alone = [(masking(sample(seed), np.random.default_rng(seed))["input_mod"] == ENTRIES.index("tok_DEM")).all()
+             for seed in range(100)]
+    assert sum(alone) >= 95
+    masking = Masking(INPUTS, TARGETS, 16, 32, alphas="all2all@1; S1GRD=1000/*=0.5@3", grid=4)
+    only_s1 = [(masking(sample(0), np.random.default_rng(seed))["input_mod"] == ENTRIES.index("S1GRD")).all()
+               for seed in range(600)]
+    assert 0.68 < np.mean(only_s1) < 0.82                    # 3/4 of the draws (binomial sd 0.018)
+    weighted = parse_mixture("all2allmix@2;s2l2a2all")
+    assert [w for _, _, w in weighted] == [0.5, 0.5, 0.5, 0.5, 1.0]
+    assert weighted[0][0](["S2L2A", "caption"]) == {"S2L2A": 0.01, "caption": 0.01}
+    with pytest.raises(ValueError, match="unknown entry 'S2'"):
+        parse_mixture("S2=1/*=1")
+    with pytest.raises(ValueError, match="is not ENTRY=ALPHA"):
+        parse_mixture("S2L2A/*=1")
+
+
+def test_disjoint_scales_never_put_a_token_target_under_a_visible_pixel_patch():
+    """Independent masking (4M) leaves some token targets under visible pixels of the same modality;
+    disjoint masking none, with the same budgets filled."""
+    shares, outs = {}, {}
+    for scales in ("independent", "disjoint"):
+        masking = Masking(INPUTS, TARGETS, 64, 64, alphas="mix", grid=4, scales=scales)
+        outs[scales] = [masking(sample(seed), np.random.default_rng(seed)) for seed in range(200)]
+        shares[scales] = cross_scale_overlap(outs[scales])
+        for out in outs[scales]:
+            for e in ("tok_S2L2A", "tok_S1GRD", "tok_S1RTC", "tok_DEM"):
+                tgt = set(out["target_pos"][out["target_mod"] == ENTRIES.index(e)].tolist())
+                inp = set(out["input_pos"][out["input_mod"] == ENTRIES.index(e)].tolist())
+                assert not tgt & inp                          # the token scale itself stays disjoint
+    for a, b in zip(outs["independent"], outs["disjoint"]):     # the same image input budgets
+        for e in ("S2L2A", "S1GRD", "tok_S2L2A", "tok_DEM"):
+            assert (a["input_mod"] == ENTRIES.index(e)).sum() == (b["input_mod"] == ENTRIES.index(e)).sum()
+    assert all(v > 0.05 for v in shares["independent"].values()), shares
+    assert shares["disjoint"] and all(v == 0 for v in shares["disjoint"].values()), shares
+    with pytest.raises(ValueError, match="independent, disjoint"):
+        Masking(INPUTS, TARGETS, scales="never")
