@@ -45,7 +45,7 @@ from pictures import save_sheet
 from terramesh import LULC_COLORS, MODALITIES, render, save_safetensors, write_text
 
 # -----------------------------------------------------------------------------------------------------------
-# Input pipeline: bands by name, the dataset's standardization, crops (spec §3.3)
+# Input pipeline: bands by name, the dataset's standardization, crops (PANGAEA pangaea/engine/data_preprocessor.py)
 
 class BandMatcher:
     """PANGAEA's BandFilter + NormalizeMeanStd + BandPadding. Each encoder input (a TerraMind modality) is fed
@@ -115,7 +115,7 @@ class SegmentationData(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The model: frozen encoder, temporal mapping, UPerNet (spec §3.1, §3.4)
+# The model: frozen encoder, temporal mapping, UPerNet (PANGAEA pangaea/decoders/upernet.py, ltae.py)
 
 def default_layers(depth: int) -> list:
     """PANGAEA's encoder blocks: [3, 5, 7, 11] for 12 blocks, [7, 11, 15, 23] for 24; else each quarter's last."""
@@ -129,7 +129,7 @@ def conv_bn_relu(cin, cout, k):   # official: the convs keep their biases before
 class UPerNet(nn.Module):
     """PANGAEA's UPerNet (mmseg UPerHead) on four ViT feature maps: neck (Feature2Pyramid) rescaling them x4, x2,
     x1, x0.5; pyramid pooling (1, 2, 3, 6) on the coarsest; FPN top-down; fusion; Dropout2d; 1x1 classifier.
-    DEVIATION: BatchNorm2d instead of SyncBatchNorm (one process, as the spec advises)."""
+    DEVIATION: BatchNorm2d instead of SyncBatchNorm (we evaluate in one process)."""
 
     def __init__(self, dim, num_classes, channels=512, pool_scales=(1, 2, 3, 6), dropout=0.1):
         super().__init__()
@@ -234,7 +234,7 @@ def load_encoder(model=None, official=None, size="smoke", device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Evaluation: sliding windows, the confusion matrix, mIoU as PANGAEA computes it (spec §3.6)
+# Evaluation: sliding windows, the confusion matrix, mIoU as PANGAEA computes it (pangaea/engine/evaluator.py)
 
 def window_starts(size: int, window: int) -> list:
     """ceil(size / window) window starts spread evenly over [0, size - window] (overlapping), rounded."""

@@ -1,6 +1,6 @@
 """
 TerraMind's image tokenizers: FSQ autoencoders that turn an image modality into a grid of discrete tokens
-(one per 16x16 patch, 14x14 for a 224 px tile) and back (paper §3.1; spec §2).
+(one per 16x16 patch, 14x14 for a 224 px tile) and back (paper §3.1; official: terratorch .../terramind/tokenizer/).
 
 `FSQ` (sigmoid-bounded like the released weights: 8-8-8-6-5 = 15360 codes, LULC 7-5-5-5-5 = 4375), a ViT
 encoder, and a decoder: diffusion (`diffusion_decoder.DiffusionDecoder`) or, for LULC, a ViT giving class
@@ -58,7 +58,7 @@ from terramesh import TerraMeshDataset, load_safetensors, save_safetensors
 
 class FSQ(nn.Module):
     """Per latent channel with L levels: n = round(sigmoid(z) * (L - 1)), straight-through gradient, code
-    n / (L - 1) in [0, 1]; token index sum n_i * basis_i, first channel least significant (spec §2.3).
+    n / (L - 1) in [0, 1]; token index sum n_i * basis_i, first channel least significant (official: .../tokenizer/quantizers/quantize_finite_scalar.py).
     DEVIATION from the FSQ paper (tanh bound, offset for even L): the released weights use the sigmoid, which
     gives every L exactly L values without an offset. No parameters, no auxiliary loss."""
 
@@ -86,7 +86,7 @@ class FSQ(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# ViT encoder and decoder (official: vit_b_enc / vit_b_dec, spec §2.2 and §2.5)
+# ViT encoder and decoder (official: vit_b_enc / vit_b_dec, .../tokenizer/models/vit_models.py)
 
 def sincos_table(n: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Fixed (1, dim, n, n) position table, channels [sin(row), cos(row), sin(col), cos(col)] (MoCo v3)."""
@@ -213,7 +213,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
-    "official": TokenizerConfig(),                                     # ViT-B + UNet 256 x (1,2,2,2), spec §2
+    "official": TokenizerConfig(),                                     # ViT-B + UNet 256 x (1,2,2,2), official tokenizer_register.py
     "tiny": TokenizerConfig(image_size=64, enc_dim=128, enc_depth=2, enc_heads=4, dec_dim=128, dec_depth=2,
                             dec_heads=4, unet_channels=32, unet_mult=(1, 2, 2), unet_blocks=1, unet_attn=(4,)),
     "smoke": TokenizerConfig(image_size=64, enc_dim=64, enc_depth=1, enc_heads=2, dec_dim=64, dec_depth=1,
@@ -366,7 +366,7 @@ class TokenShards:
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, tokenize, reconstruct
 
-# run settings per preset that flags override; the official recipe (spec §2.6) is lr 1.4e-4 at batch 2048
+# run settings per preset that flags override; the official recipe (tokenizer_register.py docstrings) is lr 1.4e-4 at batch 2048
 # (higher rates saturate the sigmoid of FSQ on the synthetic world: the codebook collapses to ~2^5 codes)
 TRAIN_DEFAULTS = {"official": dict(steps=200_000, batch_size=32, lr=1.4e-4),
                   "tiny": dict(steps=2000, batch_size=32, lr=5e-4),

@@ -37,7 +37,7 @@ import torch
 from terramesh import PATCH
 from terramind import ENTRIES, ENTRY_INDEX, PAD, entry_kind, entry_modality, official_key
 
-UNK, SOS, EOS = 1, 2, 3       # text_tokenizer.py ids (official WordPiece, spec §6)
+UNK, SOS, EOS = 1, 2, 3       # text_tokenizer.py ids (official WordPiece vocabulary)
 SENTINEL = 4                  # [S_k] = SENTINEL + k, k = 0..199; 4M numbers spans from [S_1]
 NUM_SENTINELS = 200
 COORDS_LEN = 3                # [lat, lon, EOS] (official CoordsTokenizer)

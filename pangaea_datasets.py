@@ -64,7 +64,7 @@ def _nearest(x, h, w):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Dataset readers: the benchmark's on-disk formats and configs (spec §1, PANGAEA configs/dataset/*.yaml)
+# Dataset readers: the benchmark's on-disk formats and configs (PANGAEA configs/dataset/*.yaml and pangaea/datasets/)
 
 class PangaeaDataset(torch.utils.data.Dataset):
     """One split of a dataset in its own format (the class docstring gives the layout). `ds[i]` -> ({modality:

@@ -68,7 +68,7 @@ def _entries():
 ENTRIES = _entries()                          # fixed order; batch `*_mod` values index into it
 ENTRY_INDEX = {e: i for i, e in enumerate(ENTRIES)}
 PAD = 0                                       # WordPiece [PAD]; sequence positions holding it are not inputs
-SEQ_POSITIONS = 512                           # official: 1D sin-cos table of 512 positions (spec §3.2)
+SEQ_POSITIONS = 512                           # official: 1D sin-cos table of 512 positions (tm_utils.py)
 
 
 def entry_kind(entry: str) -> str:
@@ -92,7 +92,7 @@ def official_key(entry: str) -> str:
 
 
 OFFICIAL_INPUTS = ("S2L2A", "S2L1C", "S2RGB", "S1GRD", "S1RTC", "DEM", "tok_S2L2A", "tok_S1GRD", "tok_S1RTC",
-                   "tok_DEM", "tok_LULC", "tok_NDVI", "coords")    # the v1 checkpoints (spec §3.5)
+                   "tok_DEM", "tok_LULC", "tok_NDVI", "coords")    # the v1 checkpoints (assets/official/keys)
 OFFICIAL_TARGETS = ("tok_S2L2A", "tok_S1GRD", "tok_S1RTC", "tok_DEM", "tok_LULC", "tok_NDVI", "coords")
 
 
@@ -128,7 +128,7 @@ class TerraMindConfig:
         return replace(PRESETS[size], vocab=dict(PRESETS[size].vocab))
 
 
-PRESETS = {  # official sizes (spec §3.1); smoke trains in seconds on a CPU on 64 px tiles (4 x 4 tokens)
+PRESETS = {  # official sizes (terramind_register.py); smoke trains in seconds on a CPU on 64 px tiles (4 x 4 tokens)
     "tiny": TerraMindConfig(192, 12, 4, 3, 768),
     "small": TerraMindConfig(384, 12, 6, 6, 1536),
     "base": TerraMindConfig(768, 12, 12, 12, 2048, swiglu=True),
@@ -152,7 +152,7 @@ def flops_per_token(config: TerraMindConfig, n_in: int = 256, n_tgt: int = 256) 
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Positions (official: MoCo-v3 sin-cos, spec §3.2)
+# Positions (official: MoCo-v3 sin-cos, .../model/tm_utils.py)
 
 def sincos_1d(n: int, dim: int) -> torch.Tensor:
     """(n, dim): [sin(p w), cos(p w)], w_k = 10000^(-k / (dim/2))."""
@@ -316,7 +316,7 @@ class TerraMind(nn.Module):
                             padding_idx=PAD if entry_kind(e) == "sequence" else None)
 
     def init_weights(self):
-        """Official MAE-style init (spec §3.2): xavier-uniform Linear (q, k, v and k, v fans taken apart),
+        """Official MAE-style init (official: .../model/terramind.py): xavier-uniform Linear (q, k, v and k, v fans taken apart),
         zero biases, N(0, 0.02) embeddings, mask token and modality embeddings."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):

@@ -38,11 +38,11 @@ import torch
 from terramesh import format_coords, parse_coords, write_text
 
 # -----------------------------------------------------------------------------------------------------------
-# The official layout of the first 6366 ids (spec §6); a trained vocabulary keeps it.
+# The official layout of the first 6366 ids (the v1 vocabulary JSON in assets/official); a trained vocabulary keeps it.
 
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
 OFFICIAL_VOCAB = Path(__file__).resolve().parent / "assets" / "official" / "terramind_v1_wordpiece_30k.json"
-SENTINEL_ID = 4          # [S_k] has id 4 + k; 4M numbers span sentinels from [S_1] (4m.md §1.5)
+SENTINEL_ID = 4          # [S_k] has id 4 + k; 4M numbers span sentinels from [S_1] (4M: fourm/data/masking.py)
 N_SENTINELS = 200
 COORD_STEP = 0.25        # official: coordinates are snapped with round(x * 4) / 4
 
@@ -113,7 +113,7 @@ def _cleanup(token: str) -> str:   # the `tokenizers` WordPiece decoder's cleanu
     return token
 
 
-_PIPELINE = {   # the official file's processing pipeline (spec §6), the only one implemented here
+_PIPELINE = {   # the official file's processing pipeline (official v1 vocabulary JSON), the only one implemented here
     "truncation": None, "padding": None,
     "normalizer": {"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
                    "strip_accents": None, "lowercase": True},
@@ -309,7 +309,7 @@ class WordPieceTokenizer:
     # --- batches ----------------------------------------------------------------------------------------
     def encode_batch(self, texts: list[str], length: int | None = None, eos: bool = True,
                      return_tensor: bool = False):
-        """Texts -> ids (+ [EOS]), cut to `length` (4M truncates after adding [EOS], 4m.md §1.5) and padded
+        """Texts -> ids (+ [EOS]), cut to `length` (4M truncates after adding [EOS]: fourm/data/masking.py) and padded
         with [PAD] to `length` (default: the longest). A list of lists, or a LongTensor (B, N)."""
         rows = [self.encode(t) + ([EOS_ID] if eos else []) for t in texts]
         length = max(map(len, rows), default=0) if length is None else length

@@ -96,8 +96,8 @@ def make_batch(batch_size, n_in, n_tgt):
 
 
 def snapshot_attention(official_module):
-    """Switches the official Attention/CrossAttention to the attention of the snapshot the spec describes
-    (IBM/terratorch 85467a9, spec §3.1): explicit softmax(q k^T * scale) with masks filled with -finfo.max.
+    """Switches the official Attention/CrossAttention to the attention of IBM/terratorch at
+    85467a9 (.../model/terramind.py): explicit softmax(q k^T * scale) with masks filled with -finfo.max.
     The installed terratorch uses SDPA instead; everything else is the installed code."""
     def attend(self, q, k, v, mask, B, N):
         a = (q @ k.transpose(-2, -1)) * self.scale                                   # (B, H, N, M)
@@ -190,7 +190,7 @@ def main():
     p.add_argument("--n-tgt", type=int, default=256, help="target token budget per sample")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--official-attention", choices=["sdpa", "snapshot"], default="sdpa",
-                   help="sdpa: the installed terratorch; snapshot: its attention as at the spec's snapshot "
+                   help="sdpa: the installed terratorch; snapshot: its attention as at the snapshot "
                         "85467a9 (explicit masked softmax)")
     p.add_argument("--fused-adamw", choices=["none", "both", "ours"], default="none",
                    help="which sides use torch's fused AdamW (default none: both use the foreach default)")

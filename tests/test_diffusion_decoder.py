@@ -46,7 +46,7 @@ def rel(a, b):
 def test_schedule_facts():
     ab = make_schedule()
     assert ab.shape == (1000,) and ab[-1] == 0.0                      # zero terminal SNR: pure noise at t=999
-    assert abs(float(ab[0]) - 0.9999) < 1e-6 and abs(float(ab[499]) - 0.0760) < 5e-5   # spec §2.4
+    assert abs(float(ab[0]) - 0.9999) < 1e-6 and abs(float(ab[499]) - 0.0760) < 5e-5   # official DiVAE schedule
     assert torch.all(ab[1:] < ab[:-1])
 
 
@@ -78,7 +78,7 @@ def test_schedule_and_timesteps_equal_official():
         assert ((ab.double() - exact).abs() <= bound).all()
     assert trailing_timesteps(10) == tensors["timesteps10"].tolist() == list(range(999, 0, -100))
     assert trailing_timesteps(50) == tensors["timesteps50"].tolist()
-    assert trailing_timesteps(50)[-1] == 19                            # spec §2.4: [999, 979, ..., 19]
+    assert trailing_timesteps(50)[-1] == 19                            # official: [999, 979, ..., 19]
 
 
 def test_trailing_timesteps_any_count():

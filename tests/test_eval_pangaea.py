@@ -16,6 +16,7 @@ from torch import nn
 
 import eval_pangaea as ep
 import pangaea_datasets as pds
+import terramind
 from terramesh import MODALITIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ class StandIn(nn.Module):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The metric (spec §3.6), by hand
+# The metric (PANGAEA pangaea/engine/evaluator.py), by hand
 
 def test_confusion_matrix_and_iou_by_hand():
     pred = torch.tensor([0, 0, 1, 1, 2, 2, 1])
@@ -88,7 +89,7 @@ def test_ignore_index_inside_the_class_range():
 # Sliding windows
 
 def test_window_starts_match_pangaea():
-    assert ep.window_starts(512, 224) == [0, 144, 288]     # spec §3.6: a 512 image, 3 windows per axis
+    assert ep.window_starts(512, 224) == [0, 144, 288]     # PANGAEA's evaluator: a 512 image, 3 windows per axis
     assert ep.window_starts(224, 224) == [0] and ep.window_starts(448, 224) == [0, 224]
 
 
@@ -460,13 +461,8 @@ def test_training_learns_a_learnable_task(tmp_path):
     assert best["miou"] > 85 and best["miou"] > before + 20
 
 
-def _terramind_or_skip():
-    terramind = pytest.importorskip("terramind")
-    return terramind
-
-
 def test_terramind_smoke_features_and_layers():
-    tm = _terramind_or_skip()
+    tm = terramind
     enc = tm.TerraMind(tm.TerraMindConfig.preset("smoke"))
     layers = ep.default_layers(enc.config.encoder_depth)
     model = ep.PangaeaModel(enc, 2, layers, channels=16).eval()
@@ -481,7 +477,7 @@ def test_terramind_smoke_features_and_layers():
 def test_official_weights_give_the_official_backbone_features(tmp_path):
     # outside reference: TerraTorch's TerraMindViT (which PANGAEA's TerraMind encoder ports) with merge "mean",
     # on the official-format weights of the TerraMind parity fixture (tests/fixtures/make_pangaea_fixtures.py)
-    tm = _terramind_or_skip()
+    tm = terramind
     from terramesh import load_safetensors
     weights, meta = load_safetensors(ROOT / "tests/fixtures/terramind/official_swiglu64.safetensors")
     torch.save({k[6:]: v.float() for k, v in weights.items() if k.startswith("state.")}, tmp_path / "official.pt")
@@ -496,7 +492,6 @@ def test_official_weights_give_the_official_backbone_features(tmp_path):
 
 
 def test_seg_command_end_to_end_with_terramind(tmp_path):
-    _terramind_or_skip()
     root = _terramesh_fixture(tmp_path / "world", n=16, size=32)
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "eval_pangaea.py"), "seg", "--dataset", "terramesh", "--root", str(root),
@@ -515,7 +510,6 @@ def test_seg_command_end_to_end_with_terramind(tmp_path):
 
 
 def test_folders_and_fewshot_commands_with_terramind(tmp_path):
-    _terramind_or_skip()
     root, rng = tmp_path / "world", np.random.default_rng(0)
     for k in range(40):        # dominant class k % 5 + 1 (water, trees, flooded vegetation, crops, built area)
         lulc = np.full((32, 32), k % 5 + 1, np.uint8)

@@ -1,4 +1,4 @@
-"""fsq_tokenizer.py against analytic FSQ facts, the official key lists and parameter counts (spec §2.7),
+"""fsq_tokenizer.py against analytic FSQ facts, the official key lists and parameter counts (official models, random init),
 the official DiVAE / VQVAE outputs (shrunken fixtures), and end-to-end runs of its commands."""
 import math
 import subprocess
@@ -71,7 +71,7 @@ def test_official_preset_matches_official_keys_and_sizes(modality, keys, n_param
         model = ImageTokenizer(TokenizerConfig.preset("official", modality))
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == expected
-    # spec §2.7 counts parameters including the frozen position tables (our buffers)
+    # the official counts take parameters including the frozen position tables (our buffers)
     assert sum(v.numel() for k, v in model.state_dict().items()) == n_params
 
 

@@ -59,7 +59,7 @@ def test_schedules_and_filters_match_official():
                               expect[f"temp.linear.{s}.{n}"])
         assert torch.allclose(torch.tensor(temperature_schedule("onex:0.5:0.5", 6.0, lin), dtype=torch.float64),
                               expect[f"temp.onex.{s}.{n}"])
-    assert cosine_schedule(8, 196) == [7, 21, 32, 38, 38, 32, 21, 7]       # 4m.md §3.3
+    assert cosine_schedule(8, 196) == [7, 21, 32, 38, 38, 32, 21, 7]       # 4M fourm/utils/generation.py
     assert cosine_schedule(8, 16) == [1, 1, 3, 3, 3, 3, 1, 1]              # official: [1, 2, 3, 3, 3, 3, 2, -1]
     assert Sampling("maskgit", 25).tokens_per_step(16) == [k for k in cosine_schedule(25, 16) if k]
     for k, p in meta["filters"]:

@@ -1,4 +1,4 @@
-"""The data stage: the modality table against the spec, real TerraMesh tiles, bad input, the synthetic
+"""The data stage: the modality table against the official constants, real TerraMesh tiles, bad input, the synthetic
 world's physical correlations, pictures and checkpoints."""
 import re
 import struct
@@ -48,7 +48,7 @@ def test_normalization_constants_match_spec():
                 assert m.mean == spec[key][0], (m.name, key)
                 assert m.std == spec[key][1], (m.name, key)
                 checked += 1
-    assert checked == 12   # 6 pixel keys + 6 token keys: every entry of the spec table
+    assert checked == 12   # 6 pixel keys + 6 token keys: every entry of the official table
 
 
 def test_keys_and_channels_match_official_state_dict():

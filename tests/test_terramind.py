@@ -93,7 +93,7 @@ def test_from_official_is_strict(official):
         TerraMind.from_official({**state, tied: state[tied] + 1}, config)
 
 
-# official parameter counts (spec §3.5, unique parameters)
+# official parameter counts (official models built with random weights, unique parameters)
 PARAMS = {"tiny": 52_059_456, "small": 124_259_712, "base": 376_091_904, "large": 942_095_360}
 
 

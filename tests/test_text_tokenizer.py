@@ -1,4 +1,4 @@
-"""text_tokenizer.py against outside references: the official TerraMind v1 vocabulary file and the spec's ids,
+"""text_tokenizer.py against outside references: the official TerraMind v1 vocabulary file and its added-token ids,
 the Hugging Face `tokenizers` library's ids on a varied corpus (fixture made by
 tests/fixtures/text_tokenizer_make_expected.py), the WordPiece merge score worked by hand."""
 import json
@@ -40,10 +40,10 @@ def test_added_token_layout_matches_spec_table():
     assert len(tokens) == 6366
     spec = {0: "[PAD]", 1: "[UNK]", 2: "[SOS]", 3: "[EOS]", 4: "[S_0]", 5: "[S_1]", 6: "[S_2]", 203: "[S_199]",
             204: "xmin=0", 1203: "xmin=999", 1204: "ymin=0", 2204: "xmax=0", 3204: "ymax=0", 4203: "ymax=999",
-            4204: "lat=-90.00", 4924: "lat=90.00", 4925: "lon=-180.00", 6365: "lon=180.00"}   # spec §6 table
+            4204: "lat=-90.00", 4924: "lat=90.00", 4925: "lon=-180.00", 6365: "lon=180.00"}   # the official added-token layout
     assert {i: tokens[i] for i in spec} == spec
     assert sentinel_id(1) == 5 and sentinel_id(2) == 6
-    assert "lat=-0.00" not in tokens and "lon=-0.00" not in tokens   # the upstream quirk (spec §9.10)
+    assert "lat=-0.00" not in tokens and "lon=-0.00" not in tokens   # the upstream quirk (official: negative zero has no vocabulary entry)
 
 
 def test_added_tokens_equal_official_file(official):
@@ -57,7 +57,7 @@ def test_spec_examples(official):
     assert official.encode_coords(-120.3, 35.8) == [4707, 5164, 3]
     assert official.encode_coords(8.54, 47.37) == [4753, 5679, 3]
     assert official.encode_coords(0, 0) == [4564, 5645, 3]
-    # v0.1 caption encoding: text + " [S_1]", then [EOS] (spec §6)
+    # v0.1 caption encoding: text + " [S_1]", then [EOS] (official text_tokenizer.py)
     assert official.encode_batch(["A river flows through farmland. [S_1]"]) == [
         [6404, 6784, 10693, 6553, 20909, 6379, 5, 3]]
     assert official.decode([6404, 6784, 10693, 6553, 20909, 6379]) == "a river flows through farmland."
@@ -69,7 +69,7 @@ def test_every_coordinate_token_round_trips(official):
     for k, lon in enumerate(lons):
         lat = lats[k % len(lats)]
         ids = official.encode_coords(lon, lat)
-        assert ids == [4204 + round(4 * (lat + 90)), 4925 + round(4 * (lon + 180)), EOS_ID]  # spec id formula
+        assert ids == [4204 + round(4 * (lat + 90)), 4925 + round(4 * (lon + 180)), EOS_ID]  # the official id formula
         assert official.decode_coords(ids) == (lon, lat)
         text = f"lat={lat:.2f} lon={lon:.2f}"
         assert official.encode(text + " [EOS]") == ids             # the official text path gives the same ids
@@ -87,7 +87,7 @@ def test_coords_snap_to_the_quarter_degree_grid(official):
 
 
 def test_negative_zero_maps_to_zero(official):
-    # upstream "lat=-0.00 lon=-0.25 [EOS]" has no vocabulary entry and falls apart into 9 pieces (spec §6)
+    # upstream "lat=-0.00 lon=-0.25 [EOS]" has no vocabulary entry and falls apart into 9 pieces (official text_tokenizer.py)
     assert len(official.encode("lat=-0.00 lon=-0.25 [EOS]")) == 9
     assert official.encode_coords(-0.25, -0.1) == [4564, 5644, 3]   # DEVIATION: lat=0.00, lon=-0.25
     assert official.encode_coords(-0.12, -0.12) == official.encode_coords(0, 0)
