@@ -1,7 +1,8 @@
 """
 The diffusion decoder of TerraMind's image tokenizers: a patched UNet that turns FSQ codes back into pixels.
 
-The S2L2A, S1GRD, S1RTC, DEM and NDVI tokenizers decode by diffusion (paper §3.1, DiVAE; official: .../tokenizer/vqvae.py, models/unet/unet.py):
+The S2L2A, S1GRD, S1RTC, DEM and NDVI tokenizers decode by diffusion (paper §3.1, DiVAE;
+official: terratorch .../terramind/tokenizer/vqvae.py, models/unet/unet.py):
 
   * `DiffusionDecoder`, an ADM-style UNet run on 4x4 pixel patches. The noisy image (B, C, H, W) becomes
     (B, C*16, H/4, W/4); the FSQ codes (B, 5, H/16, W/16), nearest-upsampled to that grid, are concatenated

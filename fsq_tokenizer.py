@@ -58,7 +58,8 @@ from terramesh import TerraMeshDataset, load_safetensors, save_safetensors
 
 class FSQ(nn.Module):
     """Per latent channel with L levels: n = round(sigmoid(z) * (L - 1)), straight-through gradient, code
-    n / (L - 1) in [0, 1]; token index sum n_i * basis_i, first channel least significant (official: .../tokenizer/quantizers/quantize_finite_scalar.py).
+    n / (L - 1) in [0, 1]; token index sum n_i * basis_i, first channel least significant
+    (official: .../tokenizer/quantizers/quantize_finite_scalar.py).
     DEVIATION from the FSQ paper (tanh bound, offset for even L): the released weights use the sigmoid, which
     gives every L exactly L values without an offset. No parameters, no auxiliary loss."""
 
@@ -213,7 +214,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
-    "official": TokenizerConfig(),                                     # ViT-B + UNet 256 x (1,2,2,2), official tokenizer_register.py
+    "official": TokenizerConfig(),                                     # ViT-B + UNet 256 x (1,2,2,2)
     "tiny": TokenizerConfig(image_size=64, enc_dim=128, enc_depth=2, enc_heads=4, dec_dim=128, dec_depth=2,
                             dec_heads=4, unet_channels=32, unet_mult=(1, 2, 2), unet_blocks=1, unet_attn=(4,)),
     "smoke": TokenizerConfig(image_size=64, enc_dim=64, enc_depth=1, enc_heads=2, dec_dim=64, dec_depth=1,
@@ -366,7 +367,8 @@ class TokenShards:
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, tokenize, reconstruct
 
-# run settings per preset that flags override; the official recipe (tokenizer_register.py docstrings) is lr 1.4e-4 at batch 2048
+# run settings per preset that flags override; the official recipe (tokenizer_register.py docstrings)
+# is lr 1.4e-4 at batch 2048
 # (higher rates saturate the sigmoid of FSQ on the synthetic world: the codebook collapses to ~2^5 codes)
 TRAIN_DEFAULTS = {"official": dict(steps=200_000, batch_size=32, lr=1.4e-4),
                   "tiny": dict(steps=2000, batch_size=32, lr=5e-4),

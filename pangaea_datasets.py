@@ -1,6 +1,7 @@
 """
-PANGAEA dataset readers (PANGAEA: Marsocci et al. 2024, and its pangaea-bench dataset configs): the benchmark's on-disk formats and configs, users' data
-in the TerraMesh layout with a label folder, image folders for few-shot classification.
+PANGAEA dataset readers (PANGAEA, Marsocci et al. 2024, and its dataset configs): the benchmark's on-disk
+formats and configs, users' data in the TerraMesh layout with a label folder, image folders for few-shot
+classification.
 
 Consumes dataset folders as the benchmark ships them (each reader's docstring gives its layout); produces samples
 `ds[i]` -> ({"optical" | "sar" | modality: float32 (C, T, H, W) in file units}, int64 target (H, W)), with the

@@ -3,7 +3,8 @@ TerraMind: the dual-scale any-to-any encoder-decoder (paper §3; 4M-style masked
 
 The encoder reads pixel patches and discrete tokens of any modalities; the decoder predicts masked target
 tokens of any token modality. Architecture, sizes and initialization follow the official implementation
-(official: terratorch .../terramind/model/terramind.py, tm_utils.py); official `TerraMind_v1_<size>.pt` weights load strictly.
+(official: terratorch .../terramind/model/terramind.py, tm_utils.py); official `TerraMind_v1_<size>.pt`
+weights load strictly.
 
 Model inputs and targets are called *entries*, named from the modality table (terramesh.MODALITIES):
   * "S2L2A", "S2L1C", "S2RGB", "S1GRD", "S1RTC", "DEM": standardized pixels, float (B, C, H, W);
@@ -316,7 +317,7 @@ class TerraMind(nn.Module):
                             padding_idx=PAD if entry_kind(e) == "sequence" else None)
 
     def init_weights(self):
-        """Official MAE-style init (official: .../model/terramind.py): xavier-uniform Linear (q, k, v and k, v fans taken apart),
+        """Official MAE-style init (.../model/terramind.py): xavier-uniform Linear (q, k, v and k, v fans taken apart),
         zero biases, N(0, 0.02) embeddings, mask token and modality embeddings."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):

@@ -38,7 +38,8 @@ import torch
 from terramesh import format_coords, parse_coords, write_text
 
 # -----------------------------------------------------------------------------------------------------------
-# The official layout of the first 6366 ids (the v1 vocabulary JSON in assets/official); a trained vocabulary keeps it.
+# The official layout of the first 6366 ids (the v1 vocabulary in assets/official); a trained vocabulary
+# keeps it.
 
 PAD_ID, UNK_ID, SOS_ID, EOS_ID = 0, 1, 2, 3
 OFFICIAL_VOCAB = Path(__file__).resolve().parent / "assets" / "official" / "terramind_v1_wordpiece_30k.json"

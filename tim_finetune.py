@@ -1,5 +1,6 @@
 """
-Thinking-in-Modalities (TiM) fine-tuning and inference (paper §4.4, eq. 5-6, Tables 8 and 13; official: .../model/terramind_tim.py).
+Thinking-in-Modalities (TiM) fine-tuning and inference (paper §4.4, eq. 5-6, Tables 8
+and 13; official: terratorch .../terramind/model/terramind_tim.py).
 
 Before the downstream model sees an input, a frozen copy of the pretrained TerraMind generates extra
 modalities from it (`--tim LULC`; several are generated in a chain, each conditioned on the input and the
@@ -60,7 +61,7 @@ PIXELS = [m for m in MODALITIES if MODALITIES[m].pixel_key]
 
 @dataclass
 class TiMConfig:
-    """Defaults are the official TiM settings (terramind_tim.py): LULC, one ROAR step, temperature 1, top-p 0.8, mean."""
+    """Defaults are the official TiM settings: LULC, one ROAR step, temperature 1, top-p 0.8, mean."""
     modalities: tuple = ("S2L1C", "S1GRD")   # raw pixel inputs, in encoder order
     tim: tuple = ("LULC",)                    # generated modalities, in chain order; () = plain fine-tuning
     num_classes: int = 2

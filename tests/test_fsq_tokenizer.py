@@ -1,4 +1,4 @@
-"""fsq_tokenizer.py against analytic FSQ facts, the official key lists and parameter counts (official models, random init),
+"""fsq_tokenizer.py against analytic FSQ facts, the official key lists and parameter counts (official),
 the official DiVAE / VQVAE outputs (shrunken fixtures), and end-to-end runs of its commands."""
 import math
 import subprocess

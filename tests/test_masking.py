@@ -1,4 +1,4 @@
-"""masking.py against the 4M recipe (4M, Mizrahi et al. 2023, §3 and its masking code): budgets, disjoint image masks, T5 span
+"""masking.py against the 4M recipe (4M, Mizrahi et al. 2023, §3): budgets, disjoint image masks, T5 span
 masking, whole-sequence coords, fixed shapes for the default collate, the official mod-dict format."""
 import numpy as np
 import pytest

@@ -40,10 +40,10 @@ def test_added_token_layout_matches_spec_table():
     assert len(tokens) == 6366
     spec = {0: "[PAD]", 1: "[UNK]", 2: "[SOS]", 3: "[EOS]", 4: "[S_0]", 5: "[S_1]", 6: "[S_2]", 203: "[S_199]",
             204: "xmin=0", 1203: "xmin=999", 1204: "ymin=0", 2204: "xmax=0", 3204: "ymax=0", 4203: "ymax=999",
-            4204: "lat=-90.00", 4924: "lat=90.00", 4925: "lon=-180.00", 6365: "lon=180.00"}   # the official added-token layout
+            4204: "lat=-90.00", 4924: "lat=90.00", 4925: "lon=-180.00", 6365: "lon=180.00"}   # official layout
     assert {i: tokens[i] for i in spec} == spec
     assert sentinel_id(1) == 5 and sentinel_id(2) == 6
-    assert "lat=-0.00" not in tokens and "lon=-0.00" not in tokens   # the upstream quirk (official: negative zero has no vocabulary entry)
+    assert "lat=-0.00" not in tokens and "lon=-0.00" not in tokens   # upstream: no entry for negative zero
 
 
 def test_added_tokens_equal_official_file(official):
@@ -87,7 +87,7 @@ def test_coords_snap_to_the_quarter_degree_grid(official):
 
 
 def test_negative_zero_maps_to_zero(official):
-    # upstream "lat=-0.00 lon=-0.25 [EOS]" has no vocabulary entry and falls apart into 9 pieces (official text_tokenizer.py)
+    # upstream "lat=-0.00 lon=-0.25 [EOS]" has no vocabulary entry and falls apart into 9 pieces
     assert len(official.encode("lat=-0.00 lon=-0.25 [EOS]")) == 9
     assert official.encode_coords(-0.25, -0.1) == [4564, 5644, 3]   # DEVIATION: lat=0.00, lon=-0.25
     assert official.encode_coords(-0.12, -0.12) == official.encode_coords(0, 0)
