@@ -147,3 +147,90 @@ def test_bad_image_size():
     dec = DiffusionDecoder(1, 5, 32, (1,), 1, ())
     with pytest.raises(ValueError, match="divisible"):
         dec(torch.zeros(1, 1, 18, 18), 3, torch.zeros(1, 5, 1, 1))
+
+
+# ---- the training objective (DDPM with x0 prediction) ------------------------------------------------------
+
+U = 2.0 ** -24   # float32 unit roundoff
+
+
+def test_add_noise_is_the_closed_form_at_every_step():
+    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps at all 1000 steps, to float32 rounding: 1 - ab, the square
+    roots and the products round once each (relative error <= u) and the sum once, so |error| <= 4 u
+    (|sqrt(ab) x0| + |sqrt(1 - ab) eps|)."""
+    dec = DiffusionDecoder(1, 5, 32, (1,), 1, ())
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(1000, 1, 4, 4, generator=g), torch.randn(1000, 1, 4, 4, generator=g)
+    ab = dec.alphas_cumprod.double().view(-1, 1, 1, 1)
+    signal, noise = ab.sqrt() * x0.double(), (1 - ab).sqrt() * eps.double()
+    x_t = dec.add_noise(x0, eps, torch.arange(1000))
+    assert ((x_t.double() - (signal + noise)).abs() <= 4 * U * (signal.abs() + noise.abs())).all()
+
+
+def test_training_noise_has_the_forward_process_statistics():
+    """What loss() feeds the network: t uniform on 0..999 (chi-square over the 1000 steps), and x_t given x0
+    with mean sqrt(ab_t) x0 and variance 1 - ab_t, i.e. (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) standard
+    normal: mean and variance within 6 standard errors, per step over 2000 draws and over all 4e5 values."""
+    dec = DiffusionDecoder(1, 5, 32, (1,), 1, ())
+    seen = []
+    dec.forward = lambda x_t, t, cond: seen.append((x_t, t)) or x_t
+    x0 = torch.full((25_000, 1, 4, 4), 0.7)
+    torch.manual_seed(0)
+    dec.loss(x0, torch.zeros(25_000, 5, 1, 1))
+    x_t, t = seen[0]
+    counts = torch.bincount(t, minlength=1000).double()
+    chi2 = float(((counts - 25.0) ** 2 / 25.0).sum())
+    assert len(counts) == 1000 and chi2 < 999 * (1 - 2 / 8991 + 4.75 * (2 / 8991) ** 0.5) ** 3   # p = 1e-6
+    ab = dec.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    z = ((x_t.double() - ab.sqrt() * 0.7) / (1 - ab).sqrt()).flatten()
+    assert abs(float(z.mean())) < 6 / len(z) ** 0.5 and abs(float(z.var()) - 1) < 6 * (2 / len(z)) ** 0.5
+    # per step: the 16 values of a sample share t; steps 0, 500 and 998 over 2000 fresh draws each
+    for step in (0, 500, 998):
+        x_t = dec.add_noise(x0[:2000], torch.randn(2000, 1, 4, 4), torch.full((2000,), step)).double()
+        a = float(dec.alphas_cumprod[step])
+        n = x_t.numel()
+        assert abs(float(x_t.mean()) - a ** 0.5 * 0.7) < 6 * ((1 - a) / n) ** 0.5, step
+        assert abs(float(x_t.var()) - (1 - a)) < 6 * (1 - a) * (2 / n) ** 0.5, step
+
+
+def test_x0_loss_has_its_known_value():
+    """A network that predicts x0 + 0.5 has loss 0.25 exactly; one that returns x_t has, for x0 = c,
+    E[loss] = mean over t of (1 - sqrt(ab_t))^2 c^2 + (1 - ab_t) (bias and noise of x_t as an x0 estimate)."""
+    dec = DiffusionDecoder(1, 5, 32, (1,), 1, ())
+    x0 = torch.randn(4, 1, 8, 8)
+    dec.forward = lambda x_t, t, cond: x0 + 0.5
+    assert dec.loss(x0, torch.zeros(4, 5, 1, 1)).item() == pytest.approx(0.25, abs=1e-6)
+    B, P, c = 20_000, 16, 0.7
+    dec.forward = lambda x_t, t, cond: x_t
+    torch.manual_seed(1)
+    loss = dec.loss(torch.full((B, 1, 4, 4), c), torch.zeros(B, 5, 1, 1)).item()
+    ab = schedule_float64()
+    bias2, var = (1 - ab.sqrt()) ** 2 * c ** 2, 1 - ab
+    per_t = bias2 + var                                          # E[loss | t]
+    # per sample: mean over P pixels of (bias + sqrt(var) eps)^2, variance (4 bias^2 var + 2 var^2) / P
+    spread = per_t.var(unbiased=False) + ((4 * bias2 * var + 2 * var ** 2) / P).mean()
+    assert abs(loss - float(per_t.mean())) < 6 * float(spread / B) ** 0.5
+
+
+def test_a_tiny_decoder_learns_a_fixed_batch():
+    """60 Adam steps on 8 images: the loss must fall below 0.8 x the batch variance, the loss of the best
+    prediction that ignores the noisy image (the batch mean; the conditioning is the same for all 8). For
+    unit-variance white noise the best per-pixel linear denoiser reaches mean_t(1 - ab_t) = 0.73 of it."""
+    torch.manual_seed(0)
+    dec = DiffusionDecoder(1, 5, 32, (1, 2), 1, ())
+    x0, cond = torch.randn(8, 1, 16, 16), torch.zeros(8, 5, 1, 1)
+    floor = float(x0.var(0, unbiased=False).mean())
+
+    def held_out_loss():   # the same 32 draws of t and noise each time
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(123)
+            return sum(float(dec.loss(x0, cond)) for _ in range(32)) / 32
+    start = held_out_loss()
+    opt = torch.optim.Adam(dec.parameters(), lr=5e-3)
+    for _ in range(60):
+        loss = dec.loss(x0, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert start == pytest.approx(float((x0 ** 2).mean()), rel=0.1)   # zero prediction at init
+    assert held_out_loss() < 0.8 * floor, (start, held_out_loss(), floor)
