@@ -1,5 +1,6 @@
 """
-Any-to-any and chained generation with a pretrained TerraMind (paper §3.3, §4.3, eq. 4; spec §4; 4m.md §3).
+Any-to-any and chained generation with a pretrained TerraMind (paper §3.3, §4.3, eq. 4; official:
+terratorch .../terramind/model/generate.py; 4M: fourm/models/generate.py).
 
 Consumes a TerraMind checkpoint (pretrain.py), the image tokenizers (fsq_tokenizer.py, `tokenizer_<MOD>.
 safetensors`) and, for coords and captions, a WordPiece JSON (text_tokenizer.py). Produces one GeoTIFF per
@@ -35,7 +36,7 @@ import textwrap
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fsq_tokenizer import load_tokenizers, read_header
+from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
+from scene import Progress, Raster, TiledWriter, open_scene, summary
 from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset, destandardize, format_coords,
                        modality, parse_coords, read_input, render, save_sheet, standardize,
                        write_geotiff, write_text)
-from terramind import Encoded, TerraMind, entry_kind
+from terramind import Encoded, TerraMind, checkpoint_file, entry_kind
 from text_tokenizer import EOS_ID, OFFICIAL_VOCAB, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
 
 S_1, S_2 = sentinel_id(1), sentinel_id(2)   # 4M sequence layout: input [S_1], target [S_1] ... [S_2]
@@ -59,7 +61,7 @@ COORDS_LAYOUT = (range(_IDS["lat=-90.00"], _IDS["lat=90.00"] + 1), range(_IDS["l
                  range(EOS_ID, EOS_ID + 1), range(S_2, S_2 + 1))   # [S_1] lat lon [EOS] [S_2] (masking.py)
 
 # -----------------------------------------------------------------------------------------------------------
-# Schedules (4M fourm/utils/generation.py; 4m.md §3.3-3.4)
+# Schedules (4M fourm/utils/generation.py)
 
 
 def cosine_schedule(steps: int, n: int) -> list[int]:
@@ -104,6 +106,7 @@ class Sampling:
     top_p: float = 0.8              # nucleus; 0: off (official default 0.8)
     cfg: float = 1.0                # classifier-free guidance scale; 1: no guidance pass
     coords_layout: bool = True      # DEVIATION: coords may only be lat, lon, [EOS], [S_2], so they always parse
+    vocab: int = 0                  # sequences: ids >= vocab are never sampled (the text tokenizer's size; 0: all)
 
     def tokens_per_step(self, n: int) -> list[int]:
         if self.scheme not in ("roar", "maskgit") or self.steps < 1:
@@ -249,6 +252,8 @@ def _sequence_target(model, state, cond, target, s: Sampling, generator, timer) 
     out = torch.full((B, 1), S_1, dtype=torch.long, device=dev)
     for i in range(MODALITIES[target].max_length - 1):   # official: the target holds max_length - 1 tokens
         logits = _guided(model, enc, uncond, target, s, timer, prefix=out)                  # (B, 1, V)
+        if 0 < s.vocab < logits.shape[-1]:   # a caption head larger than the tokenizer: ids it cannot decode
+            logits[..., s.vocab:] = -math.inf
         if target == "coords" and s.coords_layout:     # token i must be of the i-th kind of the layout
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=dev)
             allowed[COORDS_LAYOUT[i].start:COORDS_LAYOUT[i].stop] = True
@@ -305,12 +310,14 @@ def target_entry(name: str) -> str:
     return name if m.kind == "sequence" else "tok_" + name
 
 
-def to_entries(model, tokenizers, inputs: dict, timer: Timer) -> dict:
+def to_entries(model, tokenizers, inputs: dict, timer: Timer, scale: str = "pixels") -> dict:
     """{modality: standardized (B, C, H, W) | LULC (B, H, W) | ids (B, L)} -> model entries: pixels where the
-    model has a patch embedding, else tokens from the image tokenizer."""
+    model has a patch embedding, else tokens from the image tokenizer; scale "tokens" (paper Table 14):
+    tokens wherever the model and the tokenizers allow, pixels only where they do not."""
     out = {}
     for name, x in inputs.items():
-        if MODALITIES[name].kind == "sequence" or name in model.config.inputs:   # pixels (LULC never is)
+        as_tokens = scale == "tokens" and "tok_" + name in model.config.inputs and name in tokenizers
+        if MODALITIES[name].kind == "sequence" or name in model.config.inputs and not as_tokens:   # pixels
             out[name] = x
         elif "tok_" + name in model.config.inputs and name in tokenizers:
             with timer("tokenizer encoder"):
@@ -319,6 +326,14 @@ def to_entries(model, tokenizers, inputs: dict, timer: Timer) -> dict:
             raise ValueError(f"input {name}: the model has no pixel embedding for it and there is no "
                              f"{name} tokenizer with a tok_{name} embedding")
     return out
+
+
+def limit_vocab(sampling, text_tokenizer):
+    """The sampling with sequence ids limited to what the text tokenizer decodes (Sampling.vocab)."""
+    n = text_tokenizer.vocab_size if text_tokenizer is not None else 0
+    if isinstance(sampling, dict):
+        return {t: replace(s, vocab=n) for t, s in sampling.items()}
+    return replace(sampling or Sampling(), vocab=n)
 
 
 def decode_sequence(name, ids, text_tokenizer) -> list:
@@ -356,10 +371,122 @@ def _prepare(inputs: dict, text_tokenizer, standardized: bool, dev) -> tuple[dic
     return images, seqs
 
 
+@dataclass
+class WindowPlan:
+    """The windows over a padded (Hp, Wp) image (paper §11.1): tile-sized at a 3/4-tile stride, grouped in waves
+    that do not overlap (later waves are conditioned on the tokens of earlier ones), each wave cut into chunks
+    that run as one batch. rows, cols: the window offsets along each axis."""
+    rows: list
+    cols: list
+    th: int
+    tw: int
+    chunks: list      # [[(r, c), ...], ...] in run order
+    centre: tuple     # the window nearest the image centre (sequence targets)
+
+    @property
+    def windows(self) -> int:
+        return sum(map(len, self.chunks))
+
+    def cell(self, r: int, c: int) -> tuple:
+        """The token cells of the window at pixel (r, c) in a grid (B, Hp/16, Wp/16)."""
+        return slice(None), slice(r // PATCH, (r + self.th) // PATCH), slice(c // PATCH, (c + self.tw) // PATCH)
+
+
+def plan_windows(Hp: int, Wp: int, tile: int, per: int, centre_only: bool = False) -> WindowPlan:
+    """The WindowPlan of a (Hp, Wp) image, `per` windows a chunk; `centre_only`: the centre window alone."""
+    th, tw = min(tile, Hp), min(tile, Wp)
+    rows, cols = window_starts(Hp, tile), window_starts(Wp, tile)
+    wins = [(r, c) for r in rows for c in cols]
+    centre = min(wins, key=lambda rc: (2 * rc[0] + th - Hp) ** 2 + (2 * rc[1] + tw - Wp) ** 2)
+    waves = []
+    for win in [centre] if centre_only else wins:
+        wave = next((v for v in waves if all(abs(win[0] - r) >= th or abs(win[1] - c) >= tw for r, c in v)), None)
+        if wave is None:
+            waves.append([win])
+        else:
+            wave.append(win)
+    chunks = [wave[k:k + per] for wave in waves for k in range(0, len(wave), per)]
+    return WindowPlan(rows, cols, th, tw, chunks, centre)
+
+
+def new_canvas(entries: list, B: int, Hp: int, Wp: int, dev) -> dict:
+    """{token entry: (ids, known)} (B, Hp/16, Wp/16): the one token grid all windows share."""
+    shape = (B, Hp // PATCH, Wp // PATCH)
+    return {e: (torch.zeros(shape, dtype=torch.long, device=dev), torch.zeros(shape, dtype=torch.bool, device=dev))
+            for e in entries if entry_kind(e) == "tokens"}
+
+
+def fill_token_grid(model, tokenizers, read, seqs: dict, targets: list, plan: WindowPlan, canvas: dict, B: int,
+                    sampling, generator, text_tokenizer, timer, start: int = 0, checkpoint=None,
+                    input_scale: str = "pixels") -> dict:
+    """Generates `targets` over the chunks of `plan` from chunk `start` on. read(r, c) -> {image: standardized
+    (B, C, th, tw)}; each window is conditioned on the tokens already in `canvas` and writes its image tokens
+    there; checkpoint(k) runs after chunk k. Returns the sequence targets of the centre window, decoded."""
+    tgt, grid, out = [target_entry(t) for t in targets], (plan.th // PATCH, plan.tw // PATCH), {}
+    bar = tqdm(total=plan.windows, initial=sum(map(len, plan.chunks[:start])), desc="windows", unit="window",
+               disable=len(plan.chunks) == 1, leave=False)
+    for k in range(start, len(plan.chunks)):
+        chunk = plan.chunks[k]
+        crops = [read(r, c) for r, c in chunk]
+        crop = {n: torch.cat([x[n] for x in crops]) for n in crops[0]}
+        entries = to_entries(model, tokenizers, {**crop, **{n: v.repeat(len(chunk), 1) for n, v in seqs.items()}},
+                             timer, input_scale)
+        known = {e: [torch.cat([t[plan.cell(r, c)] for r, c in chunk]) for t in canvas[e]] for e in canvas}
+        tokens = generate_tokens(model, entries, tgt, sampling, generator, grid, timer, known)
+        for name, e in zip(targets, tgt):
+            part = [tokens[e][i * B:(i + 1) * B] for i in range(len(chunk))]   # per window (B, ...)
+            if MODALITIES[name].kind == "sequence" and plan.centre in chunk:
+                out[name] = decode_sequence(name, part[chunk.index(plan.centre)], text_tokenizer)
+            for i, (r, c) in enumerate(chunk if MODALITIES[name].kind == "image" else []):
+                canvas[e][0][plan.cell(r, c)], canvas[e][1][plan.cell(r, c)] = part[i], True
+        bar.update(len(chunk))
+        if checkpoint is not None:
+            checkpoint(k)
+    bar.close()
+    return out
+
+
+def window_noise(seed: int, name: str, r: int, c: int, shape: tuple) -> torch.Tensor:
+    """The diffusion start noise of the window at pixel (r, c), from a generator seeded by (seed, modality, r, c):
+    a window draws the same noise whatever ran before it (a resumed run, another batch size)."""
+    key = np.random.SeedSequence([seed, list(MODALITIES).index(name), r, c]).generate_state(1)[0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(key)))
+
+
+def stitch_cuts(starts: list, size: int, tile: int) -> list[tuple[int, int]]:
+    """[(a, b)] per window along one axis: the pixels it keeps, those nearer its centre than a neighbour's."""
+    cuts = [0] + [(a + b + tile) // 2 for a, b in zip(starts, starts[1:])] + [size]
+    return list(zip(cuts, cuts[1:]))
+
+
+def decode_rows(tokenizer, name: str, ids: torch.Tensor, plan: WindowPlan, steps: int, seed: int, batch_size: int,
+                timer: Timer, first_row: int = 0):
+    """Token grid (B, Hp/16, Wp/16) -> yields (first pixel row a, decoder output (B, C, b - a, Wp)) per window row
+    from `first_row` on: every window decoded alone at the model's tile size, as in training, and cut to its
+    pixels nearest its centre. DEVIATION (paper §11.1 averages overlapping decoded windows): no averaging, so
+    independent diffusion samples are not blurred together; the whole grid at once (generate()'s default) does
+    not fit in memory for a scene, and a ViT decoder would attend across all of it."""
+    B, C, per = ids.shape[0], tokenizer.channels, max(1, batch_size // ids.shape[0])
+    row_cuts = stitch_cuts(plan.rows, ids.shape[-2] * PATCH, plan.th)
+    col_cuts = stitch_cuts(plan.cols, ids.shape[-1] * PATCH, plan.tw)
+    for r, (a, b) in list(zip(plan.rows, row_cuts))[first_row:]:
+        parts = []
+        for k in range(0, len(plan.cols), per):
+            cols = plan.cols[k:k + per]
+            cells = torch.cat([ids[plan.cell(r, c)] for c in cols])                 # (n B, th/16, tw/16)
+            noise = None if MODALITIES[name].decoder != "diffusion" else \
+                torch.cat([window_noise(seed, name, r, c, (B, C, plan.th, plan.tw)) for c in cols])
+            with timer("diffusion" if noise is not None else f"{name} decoder"):
+                parts += tokenizer.decode(cells, steps=steps, noise=noise).split(B)  # n x (B, C, th, tw)
+        kept = [x[..., a - r:b - r, p - c:q - c] for x, c, (p, q) in zip(parts, plan.cols, col_cuts)]
+        yield a, torch.cat(kept, -1)                                                  # (B, C, b - a, Wp)
+
+
 @torch.no_grad()
 def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sampling=None,
              text_tokenizer: WordPieceTokenizer | None = None, diffusion_steps: int = 10, seed: int = 0,
-             standardized: bool = False, batch_size: int = 16, timer: Timer | None = None) -> dict:
+             standardized: bool = False, batch_size: int = 16, timer: Timer | None = None,
+             decode: str = "grid", input_scale: str = "pixels") -> dict:
     """Any-to-any chained generation for notebooks and the command line.
 
     inputs {modality: value}: images (C, H, W) or (B, C, H, W) in physical units (standardized ones if
@@ -368,8 +495,11 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
     Returns {modality: images (B, C, H, W) in physical units (standardized if `standardized`), LULC class maps
     (B, H, W) int64, coords [(lon, lat) | None], captions [str]}. Inputs larger than the model's tile run in
     overlapping windows that write one shared token grid (each window conditioned on the tokens its neighbours
-    already wrote), decoded once by the tokenizers; sequences come from the centre window."""
+    already wrote), decoded once by the tokenizers (`decode="windows"`: window by window, as generate_scene
+    does); sequences come from the centre window. input_scale "tokens": image inputs enter through their
+    tokenizer even where the model has a pixel embedding (to_entries)."""
     dev, tgt, timer = model.mask_token.device, [target_entry(t) for t in targets], timer or Timer()
+    sampling = limit_vocab(sampling, text_tokenizer)
     generator = torch.Generator(dev).manual_seed(seed)
     if text_tokenizer is None and any(modality(t).kind == "sequence" for t in [*targets, *inputs]):
         raise ValueError("coords / caption inputs or targets need a text tokenizer (--text-tokenizer)")
@@ -383,49 +513,125 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
     Hp, Wp = H + -H % PATCH, W + -W % PATCH   # reflect-padded to whole patches, cropped again at the end
     images = {k: F.pad(v[:, None].float(), (0, Wp - W, 0, Hp - H), mode="reflect")[:, 0].to(v.dtype) if k == "LULC"
               else F.pad(v, (0, Wp - W, 0, Hp - H), mode="reflect") for k, v in images.items()}
-    th, tw = min(tile, Hp), min(tile, Wp)
-    wins, grid = [(r, c) for r in window_starts(Hp, tile) for c in window_starts(Wp, tile)], (th // PATCH, tw // PATCH)
-    centre = min(wins, key=lambda rc: (2 * rc[0] + th - Hp) ** 2 + (2 * rc[1] + tw - Wp) ** 2)
     split = max((i + 1 for i, t in enumerate(targets) if MODALITIES[t].kind == "image"), default=0)
-    wins = wins if split else [centre]                  # sequences only: the centre window
-    split = len(targets) if len(wins) == 1 else split   # trailing sequences: the centre window's chain only
-    canvas = {e: (torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.long, device=dev),
-                  torch.zeros(B, Hp // PATCH, Wp // PATCH, dtype=torch.bool, device=dev))
-              for e in tgt if entry_kind(e) == "tokens"}   # one token grid shared by all windows
-    waves = []   # windows in waves that do not overlap; later waves see the tokens of earlier ones
-    for win in wins:
-        wave = next((v for v in waves if all(abs(win[0] - r) >= th or abs(win[1] - c) >= tw for r, c in v)), None)
-        wave.append(win) if wave is not None else waves.append([win])
+    plan = plan_windows(Hp, Wp, tile, max(1, batch_size // B), centre_only=not split)   # sequences only: centre
+    split = len(targets) if plan.windows == 1 else split   # trailing sequences: the centre window's chain only
+    canvas = new_canvas(tgt, B, Hp, Wp, dev)
 
-    def cell(r, c):   # the token cells of the window at pixel (r, c) in the shared grid (B, Hp/16, Wp/16)
-        return slice(None), slice(r // PATCH, r // PATCH + grid[0]), slice(c // PATCH, c // PATCH + grid[1])
-    per, out = max(1, batch_size // B), {}
-    for chunk in tqdm([w[k:k + per] for w in waves for k in range(0, len(w), per)], desc="windows",
-                      disable=len(wins) <= per, leave=False):
-        crop = {n: torch.cat([v[..., r:r + th, c:c + tw] for r, c in chunk]) for n, v in images.items()}
-        entries = to_entries(model, tokenizers, {**crop, **{n: v.repeat(len(chunk), 1) for n, v in seqs.items()}},
-                             timer)
-        known = {e: [torch.cat([t[cell(r, c)] for r, c in chunk]) for t in canvas[e]] for e in canvas}
-        tokens = generate_tokens(model, entries, tgt[:split], sampling, generator, grid, timer, known)
-        for name, e in zip(targets[:split], tgt[:split]):
-            part = [tokens[e][i * B:(i + 1) * B] for i in range(len(chunk))]   # per window (B, ...)
-            if MODALITIES[name].kind == "sequence" and centre in chunk:
-                out[name] = decode_sequence(name, part[chunk.index(centre)], text_tokenizer)
-            for i, (r, c) in enumerate(chunk if MODALITIES[name].kind == "image" else []):
-                canvas[e][0][cell(r, c)], canvas[e][1][cell(r, c)] = part[i], True
+    def read(r, c):
+        return {n: v[..., r:r + plan.th, c:c + plan.tw] for n, v in images.items()}
+    out = fill_token_grid(model, tokenizers, read, seqs, targets[:split], plan, canvas, B, sampling, generator,
+                          text_tokenizer, timer, input_scale=input_scale)
     if split < len(targets):   # the centre window again, its image tokens all known from the shared grid
-        crop = {n: v[..., centre[0]:centre[0] + th, centre[1]:centre[1] + tw] for n, v in images.items()}
-        tokens = generate_tokens(model, to_entries(model, tokenizers, {**crop, **seqs}, timer), tgt, sampling,
-                                 generator, grid, timer, {e: [t[cell(*centre)] for t in canvas[e]] for e in canvas})
+        entries = to_entries(model, tokenizers, {**read(*plan.centre), **seqs}, timer, input_scale)
+        tokens = generate_tokens(model, entries, tgt,
+                                 sampling, generator, (plan.th // PATCH, plan.tw // PATCH), timer,
+                                 {e: [t[plan.cell(*plan.centre)] for t in canvas[e]] for e in canvas})
         out.update({n: decode_sequence(n, tokens[e], text_tokenizer) for n, e in zip(targets[split:], tgt[split:])})
     for name, e in zip(targets, tgt):   # DEVIATION (paper §11.1 averages decoded windows): the whole grid at once,
         # so decoder border effects do not repeat at every window (measured: 2-3x the column jumps at window edges)
-        if MODALITIES[name].kind == "image":
+        if MODALITIES[name].kind != "image":
+            continue
+        if decode == "windows":
+            rows = decode_rows(tokenizers[name], name, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer)
+            x = torch.cat([band for _, band in rows], -2)[..., :H, :W]
+        else:
             with timer("diffusion" if name != "LULC" else "LULC decoder"):
                 x = tokenizers[name].decode(canvas[e][0], steps=diffusion_steps, generator=generator)[..., :H, :W]
-            out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
+        out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
     timer.samples += B
     return {n: out[n] for n in targets}
+
+
+def read_window(raster: Raster, name: str, r: int, c: int, h: int, w: int, dev) -> torch.Tensor:
+    """A scene input's window -> standardized (1, C, h, w) (LULC: classes (1, h, w)), reflected past the bottom /
+    right edge as generate() pads, NaN (no data) as the band mean as read_input does."""
+    x = raster.read_reflected(r, r + h, c, c + w)
+    if name == "LULC":
+        return torch.from_numpy(x[0].astype(np.int64))[None].to(dev)
+    x = x.astype(np.float32)
+    x = np.where(np.isnan(x), np.asarray(MODALITIES[name].mean, np.float32)[:, None, None], x)
+    return standardize(name, torch.from_numpy(x)[None].to(dev))
+
+
+def _scene_inputs(paths: dict) -> dict:
+    """{modality: GeoTIFF} -> co-registered Rasters with the modality's band count."""
+    rasters = open_scene(paths)
+    for name, r in rasters.items():
+        want = 1 if name == "LULC" else MODALITIES[name].channels
+        if MODALITIES[name].kind != "image" or r.bands != want:
+            raise ValueError(f"--input {name}={r.path}: expected an image of {want} band(s), got {r.bands}")
+    return rasters
+
+
+@torch.no_grad()
+def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: list, folder, sampling=None,
+                   diffusion_steps: int = 10, seed: int = 0, batch_size: int = 16, resume: bool = False,
+                   sequences: dict | None = None, text_tokenizer=None) -> str:
+    """Generation over a scene of any size in bounded memory (--scene). paths {modality: GeoTIFF}, co-registered;
+    image targets only. The scene's token grid is the one whole-scene array in memory: the windows of
+    plan_windows read their pixels from the files as the waves reach them, then decode_rows decodes window row
+    by window row into <folder>/<target>.tif (tiled, the inputs' georeferencing). Equals generate(...,
+    decode="windows") on the same inputs. A checkpoint after each window row lets resume=True finish a killed
+    run into identical files. Returns the summary line."""
+    if bad := [t for t in targets if MODALITIES[t].kind != "image"]:
+        raise ValueError(f"--scene generates image targets only, not {bad}; run coords / captions on a tile")
+    if missing := [t for t in targets if t not in tokenizers]:
+        raise ValueError(f"no tokenizer to decode {missing} (tokenizers: {sorted(tokenizers)})")
+    t0, dev, timer, folder = time.perf_counter(), model.mask_token.device, Timer(), Path(folder)
+    rasters = _scene_inputs(paths)
+    first = next(iter(rasters.values()))
+    H, W, tile = first.height, first.width, model.config.grid * PATCH
+    Hp, Wp = H + -H % PATCH, W + -W % PATCH
+    plan = plan_windows(Hp, Wp, tile, max(1, batch_size))
+    tgt, generator = [target_entry(t) for t in targets], torch.Generator(dev).manual_seed(seed)
+    canvas, (_, seqs) = new_canvas(tgt, 1, Hp, Wp, dev), _prepare(sequences or {}, text_tokenizer, False, dev)
+    run = {"inputs": {n: [str(p), Path(p).stat().st_size] for n, p in paths.items()}, "targets": targets,
+           "sampling": sampling, "diffusion_steps": diffusion_steps, "seed": seed, "batch_size": batch_size,
+           "sequences": sequences, "model": model.config}
+    progress = Progress(folder / "scene.progress.npz", run)
+    state = progress.load() if resume else None
+    chunk, row = 0, 0
+    if state is not None:
+        arrays, meta = state
+        for e, (ids, known) in canvas.items():
+            ids.copy_(torch.from_numpy(arrays[e + ".ids"]))
+            known.copy_(torch.from_numpy(arrays[e + ".known"]))
+        generator.set_state(torch.from_numpy(arrays["generator"]))
+        chunk, row = meta["chunk"], meta["row"]
+        print(f"resuming {folder}: {chunk}/{len(plan.chunks)} window chunks, {row}/{len(plan.rows)} decoded rows")
+
+    def save(chunk: int, row: int):
+        arrays = {f"{e}.{k}": v.cpu().numpy() for e, (ids, known) in canvas.items() for k, v in (("ids", ids),
+                                                                                               ("known", known))}
+        progress.save({**arrays, "generator": generator.get_state().numpy()}, chunk=chunk, row=row)
+
+    def checkpoint(k):   # after the chunk that ends a window row of its wave
+        if k + 1 == len(plan.chunks) or plan.chunks[k + 1][0][0] != plan.chunks[k][-1][0]:
+            save(k + 1, 0)
+
+    def read(r, c):
+        return {n: read_window(x, n, r, c, plan.th, plan.tw, dev) for n, x in rasters.items()}
+    fill_token_grid(model, tokenizers, read, seqs, targets, plan, canvas, 1, sampling, generator, text_tokenizer,
+                    timer, chunk, checkpoint)
+    writers = {n: TiledWriter(folder / f"{n}.tif", 1 if n == "LULC" else MODALITIES[n].channels, H, W,
+                              np.uint8 if n == "LULC" else np.float32, first.geo, resume=state is not None)
+               for n in targets}
+    decoders = [decode_rows(tokenizers[n], n, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer, row)
+                for n, e in zip(targets, tgt)]
+    for i in tqdm(range(row, len(plan.rows)), desc="decode", unit="row", initial=row, total=len(plan.rows)):
+        for name, rows in zip(targets, decoders):
+            a, band = next(rows)
+            band = band[0, :, :max(0, H - a), :W]                                       # (C, h, W)
+            band = band.argmax(0, keepdim=True) if name == "LULC" else destandardize(name, band)
+            writers[name].write_rows(a, band.cpu().numpy())
+            writers[name].flush()
+        save(len(plan.chunks), i + 1)
+    for w in writers.values():
+        w.finish()
+    progress.done()
+    scale = first.geo.get(33550)
+    return summary(H, W, plan.windows, time.perf_counter() - t0, scale[0] if scale else None)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -435,20 +641,38 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
 def load_stack(args):
     """Model, tokenizers and the WordPiece vocabulary (--text-tokenizer, else the one the checkpoint was
     pretrained with, else the official v1 one)."""
-    model = TerraMind.from_checkpoint(args.model, args.device).eval()
-    text = args.text_tokenizer or read_header(args.model).get("run", {}).get("text_tokenizer") or OFFICIAL_VOCAB
+    path = checkpoint_file(args.model)                     # a file, or a checkpoint folder (release.py convert)
+    model = TerraMind.from_checkpoint(path, args.device).eval()
+    text = args.text_tokenizer or read_header(path).get("run", {}).get("text_tokenizer") or OFFICIAL_VOCAB
     if not Path(text).exists():
         warnings.warn(f"text tokenizer {text} not found: no coords / captions (pass --text-tokenizer)")
     text = WordPieceTokenizer.from_file(text) if Path(text).exists() else None
-    return model, load_tokenizers(args.tokenizers, device=args.device), text
+    return model, load_tokenizers(args.tokenizers or path.parent, device=args.device), text
 
 
 def markdown(header: list, rows: list) -> str:
     return "".join("| " + " | ".join(map(str, r)) + " |\n" for r in [header, ["---"] * len(header), *rows])
 
 
+def run_scene(args, model, tokenizers, text):
+    """--scene: image inputs streamed from their files, outputs written window row by window row."""
+    paths, sequences = {}, {}
+    for item in args.input:
+        name, _, value = item.partition("=")
+        if MODALITIES.get(name) is not None and MODALITIES[name].kind == "sequence":
+            sequences[name] = read_input(name, value)[0]
+        else:
+            paths[name] = value
+    targets = [t for t in args.targets.split(",") if t]
+    line = generate_scene(model, tokenizers, paths, targets, args.out, args.sampling, args.diffusion_steps,
+                          args.seed, args.batch_size, args.resume, sequences, text)
+    print(f"generated {', '.join(targets)} -> {', '.join(str(Path(args.out) / f'{t}.tif') for t in targets)}\n{line}")
+
+
 def run_generate(args):
     model, tokenizers, text = load_stack(args)
+    if args.scene:
+        return run_scene(args, model, tokenizers, text)
     inputs, geo = {}, None
     for item in args.input:
         name, _, value = item.partition("=")
@@ -456,7 +680,7 @@ def run_generate(args):
         geo = geo or g
     targets, timer, t0, folder = [t for t in args.targets.split(",") if t], Timer(), time.perf_counter(), Path(args.out)
     out = generate(model, tokenizers, inputs, targets, args.sampling, text, args.diffusion_steps,
-                   args.seed, batch_size=args.batch_size, timer=timer)
+                   args.seed, batch_size=args.batch_size, timer=timer, input_scale=args.input_scale)
     wall = time.perf_counter() - t0
     folder.mkdir(parents=True, exist_ok=True)
     panels = [(n, render(n, x)) for n, x in inputs.items() if MODALITIES[n].kind == "image"]
@@ -476,6 +700,19 @@ def run_generate(args):
     print("\n".join(lines) + f"\ntime per sample: {timer.report()}")
 
 
+def scaled_pairs(model, tokenizers, pairs: str, choice: str) -> list:
+    """--pairs and --input-scale -> [(src, dst, scale)]: "both" adds a token-input run (paper Table 14) to each
+    pair with an input the model can take at either scale."""
+    out = []
+    for pair in pairs.split(","):
+        src, dst = pair.split(":")
+        either = [m for m in src.split("+") if m in model.config.inputs and f"tok_{m}" in model.config.inputs
+                  and m in tokenizers]
+        scales = [choice] if choice != "both" else ["pixels", "tokens"] if either else ["pixels"]
+        out += [(src, dst, scale) for scale in scales]
+    return out
+
+
 def run_eval(args):
     model, tokenizers, text = load_stack(args)
     timer, out_dir, sets = Timer(), Path(args.out), []
@@ -490,20 +727,21 @@ def run_eval(args):
                      "S1GRD:LULC,S2L1C:LULC,S1GRD+S2L1C:LULC,S2L1C:coords"))
     table3, lulc, water, geo, records = [], [], [], [], []   # records: the same numbers, for eval.json
     for title, samples, pairs in sets:
-        for pair in pairs.split(","):
-            src, dst = pair.split(":")
+        for src, dst, scale in scaled_pairs(model, tokenizers, pairs, args.input_scale):
+            tag = ", token inputs" if scale == "tokens" else ""
             have = [s for s in samples if all(m in s for m in src.split("+")) and (
                 dst in s or dst == "LULC" and args.labels in s)]
             if not have or (dst not in tokenizers and (dst != "coords" or text is None)):
                 continue
             gen = []
-            for k in tqdm(range(0, len(have), args.batch_size), desc=pair, leave=False):
+            for k in tqdm(range(0, len(have), args.batch_size), desc=f"{src}:{dst}{tag}", leave=False):
                 inp = {m: [parse_coords(s[m]) for s in have[k:k + args.batch_size]] if m == "coords" else
                        torch.stack([s[m] for s in have[k:k + args.batch_size]]) for m in src.split("+")}
                 out = generate(model, tokenizers, inp, [dst], args.sampling, text, args.diffusion_steps,
-                               args.seed, standardized=True, batch_size=args.batch_size, timer=timer)[dst]
+                               args.seed, standardized=True, batch_size=args.batch_size, timer=timer,
+                               input_scale=scale)[dst]
                 gen += out if dst == "coords" else list(out)
-            name = f"{src} → {dst} ({title})"
+            name = f"{src} → {dst} ({title}{tag})"
             if dst == "coords":
                 km = [haversine_km(g, parse_coords(s[dst])) for g, s in zip(gen, have) if g is not None]
                 geo.append([name, f"{len(km)}/{len(have)}", *(f"{f(km):.0f}" if km else "-"
@@ -515,7 +753,8 @@ def run_eval(args):
             panels += [(f"gen {dst}", render(dst, gen[0], True))] + [(f"true {k}", render(k, have[0][k], True))
                                                                     for k in (dst, args.labels) if k in have[0]]
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_sheet(out_dir / f"{title}_{src.replace('+', '_')}_to_{dst}.png", panels)   # the first sample
+            save_sheet(out_dir / f"{title}_{src.replace('+', '_')}_to_{dst}{'_tokens' if tag else ''}.png",
+                       panels)   # the first sample
             gen, truth = torch.stack(gen), [s.get(dst) for s in have]
             if dst == "LULC":
                 if all(t is not None for t in truth):
@@ -526,9 +765,9 @@ def run_eval(args):
                     records.append({"pair": name, "acc": m["acc"], "mIoU": m["mIoU"], "majority_acc": float(majority)})
                 label = torch.stack([s[args.labels] if args.labels in s else (s["LULC"] == WATER).long() for s in have])
                 i, u = water_iou(gen, label)
-                water.append([Path(args.model).name, f"{src} ({title})", "zero-shot",
+                water.append([Path(args.model).name, f"{src} ({title}{tag})", "zero-shot",
                               f"{100 * i / u:.1f}" if u else "- (no water)"])
-                records.append({"pair": f"{src} ({title})", "water_iou": 100 * i / u if u else None,   # baseline:
+                records.append({"pair": f"{src} ({title}{tag})", "water_iou": 100 * i / u if u else None,   # baseline:
                                 "all_water_iou": 100 * float((label == 1).sum() / (label >= 0).sum())})   # all water
             else:
                 truth = torch.stack(truth)
@@ -558,8 +797,10 @@ def main():
     evaluate = len(sys.argv) > 1 and sys.argv[1] == "eval"
     parser = argparse.ArgumentParser(prog="generate.py eval" if evaluate else None,
                                      description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--model", required=True, help="TerraMind checkpoint (pretrain.py)")
-    parser.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
+    parser.add_argument("--model", required=True, help="TerraMind checkpoint (pretrain.py), or a checkpoint folder "
+                        "with terramind.safetensors (release.py convert)")
+    parser.add_argument("--tokenizers", default=None, help="folder with tokenizer_<MOD>.safetensors (default: the "
+                        "folder of --model)")
     parser.add_argument("--text-tokenizer", default=None, help="WordPiece JSON for coords / captions (default: the "
                         "one the checkpoint was pretrained with, else the official v1 vocabulary)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -571,7 +812,8 @@ def main():
     parser.add_argument("--top-k", type=float, default=0, help="top-k filter (integer k, or a share < 1; 0: off)")
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus filter (0: off)")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--diffusion-steps", type=int, default=10, help="DDIM steps of the tokenizer decoders")
+    parser.add_argument("--diffusion-steps", type=int, default=DECODE_STEPS, help="DDIM steps of the tokenizer "
+                        f"decoders (ours {DECODE_STEPS}; the official TerraMindGeneration {OFFICIAL_DECODE_STEPS})")
     parser.add_argument("--batch-size", type=int, default=16, help="windows x samples per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator behind all sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -584,10 +826,20 @@ def main():
                             help="input(+input):output pairs; pairs the data or tokenizers lack are skipped")
         parser.add_argument("--labels", default="label_water", help="water label folder (else: LULC water)")
         parser.add_argument("--sen1floods11", default=None, help="Sen1Floods11 folder (S1/, S2/, Labels/): water IoU")
+        parser.add_argument("--input-scale", default="both", choices=["pixels", "tokens", "both"], help="image inputs "
+                            "as pixels, as tokens (paper Table 14), or both where the model takes either (default)")
     else:
         parser.add_argument("--input", action="append", required=True, help="MOD=path (or coords/caption text)")
         parser.add_argument("--targets", required=True, help="comma-separated modalities, generated in order")
+        parser.add_argument("--input-scale", default="pixels", choices=["pixels", "tokens"], help="image inputs as "
+                            "pixels where the model has a patch embedding (default), or through their tokenizer "
+                            "wherever the model has their token embedding (paper Table 14)")
+        parser.add_argument("--scene", action="store_true", help="a scene of any size in bounded memory: inputs "
+                            "read and outputs written (tiled GeoTIFFs) window by window, image targets only")
+        parser.add_argument("--resume", action="store_true", help="--scene: continue a killed run in --out")
     args = parser.parse_args(sys.argv[2:] if evaluate else sys.argv[1:])
+    print(f"diffusion decoders: {args.diffusion_steps} DDIM steps (default here {DECODE_STEPS}, as the official "
+          f"notebooks; the official TerraMindGeneration default is {OFFICIAL_DECODE_STEPS}: --diffusion-steps)")
     k = int(args.top_k) if args.top_k >= 1 or args.top_k == 0 else args.top_k   # an int k, or a share < 1
     args.sampling = Sampling(args.scheme, args.steps, args.schedule, args.temperature, args.temp_schedule, k,
                              args.top_p, args.cfg)

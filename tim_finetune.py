@@ -43,16 +43,18 @@ from torch import nn
 from tqdm import tqdm
 
 from eval_pangaea import (UPerNet, confusion_matrix, default_layers, save_prediction, segmentation_scores,
-                          sliding_inference, write_json)
+                          sliding_inference, window_starts, write_json)
 from generate import Sampling, generate_tokens
 from pangaea_datasets import OPTICAL, READERS, SAR, TerraMeshLabels, band_codes
 from pictures import plot_curves, save_png
-from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, load_safetensors, read_tiff, render,
-                       save_safetensors, standardize, to_channels_first, write_geotiff)
+from scene import Progress, Raster, TiledWriter, open_scene, summary
+from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, load_safetensors, render, save_safetensors,
+                       standardize)
 from terramind import TerraMind, TerraMindConfig
 
 IGNORE = -1   # label value of unlabelled pixels (Sen1Floods11, TerraMesh label folders)
 NODATA = 255  # predicted mask value where every input band is NaN
+OVERLAY_MAX = 2048   # px: larger scenes get no PNG overlay (it holds the whole image)
 PIXELS = [m for m in MODALITIES if MODALITIES[m].pixel_key]
 
 # -----------------------------------------------------------------------------------------------------------
@@ -437,40 +439,114 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def read_image(name: str, path) -> tuple:
-    """A GeoTIFF -> (physical float32 (C, H, W), NaN pixels (H, W) where every band is NaN, georeferencing)."""
-    x, geo = read_tiff(path)
-    x = to_channels_first(x, MODALITIES[name].channels, path).astype(np.float32)
-    if n := int(np.isnan(x).any(0).sum()):
-        print(f"{path}: {n} pixels with NaN bands (no data) are fed as the band mean")
-    return x, np.isnan(x).all(0), geo
+def _windows(rasters: dict, chunk: list, size: int, dev) -> dict:
+    """{modality: standardized (n, C, size, size)}: the chunk's windows of each input; past the edge and where NaN
+    0 = the mean, as predict pads and fills."""
+    out = {}
+    for m, x in rasters.items():
+        parts = []
+        for r, c in chunk:
+            h, w = min(size, x.height - r), min(size, x.width - c)
+            v = x.read(r, r + h, c, c + w).astype(np.float32)
+            parts.append(prepare(m, np.pad(v, ((0, 0), (0, size - h), (0, size - w)), constant_values=np.nan)))
+        out[m] = torch.stack(parts).to(dev)
+    return out
+
+
+def nodata_rows(rasters: dict, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) -> (b - a, W) True where every band of every input is NaN (no data), read in 1024 px blocks."""
+    W = next(iter(rasters.values())).width
+    empty = np.ones((b - a, W), bool)
+    for x in rasters.values():
+        for c in range(0, W, 1024):
+            v = x.read(a, b, c, min(W, c + 1024))
+            empty[:, c:c + 1024] &= np.isnan(v).all(0) if v.dtype.kind == "f" else False
+    return empty
+
+
+def _open_inputs(model: TiMSegmenter, paths: dict) -> dict:
+    if bad := [m for m in paths if m not in model.config.modalities]:
+        raise ValueError(f"--input {bad[0]}: the model's inputs are {', '.join(model.config.modalities)}")
+    if missing := [m for m in model.config.modalities if m not in paths]:
+        raise ValueError(f"missing --input for {missing} (the model's inputs: {', '.join(model.config.modalities)})")
+    rasters = open_scene({m: paths[m] for m in model.config.modalities})
+    for m, x in rasters.items():
+        if x.bands != MODALITIES[m].channels:
+            raise ValueError(f"{x.path}: expected {MODALITIES[m].channels} band(s) of {m}, got {x.bands}")
+    return rasters
+
+
+@torch.no_grad()
+def predict_scene(model: TiMSegmenter, paths: dict, out, batch: int = 8, seed: int = 0, resume: bool = False) -> str:
+    """`predict` over co-registered GeoTIFFs {modality: path} of any size in bounded memory: the same windows,
+    batches and sampling, each window read from the files, logits summed over the open rows only, every finished
+    band of rows written to the tiled class mask `out` (NODATA where every input band is NaN), with the inputs'
+    georeferencing. Equals `predict` bit for bit; resume=True continues a killed run into an identical file."""
+    t0, dev, size = time.time(), next(model.head.parameters()).device, model.config.tile
+    rasters = _open_inputs(model, paths)
+    first = next(iter(rasters.values()))
+    H, W = first.height, first.width
+    Hp, Wp = max(H, size), max(W, size)   # small images padded to one window (sliding_inference)
+    corners = [(r, c) for r in window_starts(Hp, size) for c in window_starts(Wp, size)]
+    chunks = [corners[k:k + batch] for k in range(0, len(corners), batch)]
+    run = {"ckpt": model.config, "inputs": {m: [str(p), Path(p).stat().st_size] for m, p in paths.items()},
+           "batch": batch, "seed": seed}
+    progress, rng = Progress(f"{out}.progress.npz", run), torch.Generator(dev).manual_seed(seed)
+    state = progress.load() if resume else None
+    writer = TiledWriter(out, 1, H, W, np.uint8, {**first.geo, 42113: str(NODATA)}, resume=state is not None)
+    k0, base, acc, count = 0, 0, None, None   # acc, count: summed logits (K, n, Wp), windows (n, Wp) of rows base..
+    if state is not None:
+        arrays, meta = state
+        k0, base = meta["chunk"], meta["base"]
+        acc, count = torch.from_numpy(arrays["acc"]).to(dev), torch.from_numpy(arrays["count"]).to(dev)
+        rng.set_state(torch.from_numpy(arrays["rng"]))
+    for k in tqdm(range(k0, len(chunks)), desc="windows", unit="batch", initial=k0, total=len(chunks)):
+        x = _windows(rasters, chunks[k], size, dev)
+        logits = model(x, model.think(x, rng))                                       # (n, K, size, size)
+        if acc is None:
+            acc, count = logits.new_zeros(logits.shape[1], 0, Wp), logits.new_zeros(0, Wp)
+        for j, (r, c) in enumerate(chunks[k]):
+            if (grow := r + size - base - acc.shape[1]) > 0:
+                acc = torch.cat([acc, acc.new_zeros(acc.shape[0], grow, Wp)], 1)
+                count = torch.cat([count, count.new_zeros(grow, Wp)])
+            acc[:, r - base:r - base + size, c:c + size] += logits[j]
+            count[r - base:r - base + size, c:c + size] += 1
+        done = chunks[k + 1][0][0] if k + 1 < len(chunks) else Hp   # later windows start at or below this row
+        if done > base:
+            mask = (acc[:, :done - base] / count[:done - base]).argmax(0)[:max(0, H - base), :W]   # (h, W)
+            mask = mask.cpu().numpy().astype(np.uint8)
+            mask[nodata_rows(rasters, base, base + len(mask))] = NODATA
+            writer.write_rows(base, mask[None])
+            writer.flush()
+            acc, count, base = acc[:, done - base:], count[done - base:], done
+            progress.save({"acc": acc.cpu().numpy(), "count": count.cpu().numpy(), "rng": rng.get_state().numpy()},
+                          chunk=k + 1, base=base)
+    writer.finish()
+    progress.done()
+    scale = first.geo.get(33550)
+    return summary(H, W, len(corners), time.time() - t0, scale[0] if scale else None)
 
 
 def run_predict(args):
     model = TiMSegmenter.from_checkpoint(args.ckpt, args.device).eval()
-    images, nodata, geo = {}, None, None
-    for item in args.input:
-        name, _, path = item.partition("=")
-        if name not in model.config.modalities:
-            raise ValueError(f"--input {item}: the model's inputs are {', '.join(model.config.modalities)}")
-        images[name], empty, tags = read_image(name, path)
-        nodata, geo = empty if nodata is None else nodata & empty, geo if geo is not None else tags
-    if missing := [m for m in model.config.modalities if m not in images]:
-        raise ValueError(f"missing --input for {missing} (the model's inputs: {', '.join(model.config.modalities)})")
-    if len({v.shape[-2:] for v in images.values()}) > 1:
-        raise ValueError(f"inputs differ in size: { {k: v.shape[-2:] for k, v in images.items()} }")
-    t0 = time.time()
-    mask = predict(model, images, args.batch_size, args.seed).numpy().astype(np.uint8)
-    mask[nodata] = NODATA
+    paths = dict(item.partition("=")[::2] for item in args.input)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_geotiff(out, mask[None], {**(geo or {}), 42113: str(NODATA)})   # GDAL_NODATA
-    base = next((m for m in images if m in OPTICAL), next(iter(images)))
-    save_png(out.with_suffix(".png"), overlay(render(base, images[base]), mask, model.config.num_classes))
-    share = np.bincount(mask.ravel(), minlength=256)
-    print(f"{'x'.join(map(str, mask.shape))} px in {time.time() - t0:.1f} s | " + " | ".join(
-        f"class {k} {100 * share[k] / mask.size:.1f}%" for k in range(model.config.num_classes))
-        + f" | no data {100 * share[NODATA] / mask.size:.1f}% -> {out}, {out.with_suffix('.png')}")
+    line = predict_scene(model, paths, out, args.batch_size, args.seed, args.resume)
+    mask = Raster(out)
+    share = np.zeros(256, np.int64)
+    for r in range(0, mask.height, 1024):
+        share += np.bincount(mask.read(r, min(mask.height, r + 1024), 0, mask.width).ravel(), minlength=256)
+    n = mask.height * mask.width
+    print(" | ".join(f"class {k} {100 * share[k] / n:.1f}%" for k in range(model.config.num_classes))
+          + f" | no data {100 * share[NODATA] / n:.1f}% -> {out}\n{line}")
+    if max(mask.height, mask.width) > OVERLAY_MAX:
+        print(f"no PNG overlay for scenes over {OVERLAY_MAX} px (it would hold the whole image in memory)")
+        return
+    base = next((m for m in paths if m in OPTICAL), next(iter(paths)))
+    image = Raster(paths[base]).read(0, mask.height, 0, mask.width).astype(np.float32)
+    classes = mask.read(0, mask.height, 0, mask.width)[0]
+    save_png(out.with_suffix(".png"), overlay(render(base, image), classes, model.config.num_classes))
+    print(f"overlay -> {out.with_suffix('.png')}")
 
 
 def label(modalities, tim) -> str:
@@ -529,6 +605,7 @@ def main(argv=None):
     q.add_argument("--input", action="append", required=True, help="MODALITY=path.tif, one per model input")
     q.add_argument("--out", required=True, help="output mask .tif (the overlay goes beside it as .png)")
     q.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    q.add_argument("--resume", action="store_true", help="continue a killed predict into the same --out")
     for s in (t, q):
         s.add_argument("--seed", type=int, default=0, help="seed of the init, data order, crops and TiM sampling")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
