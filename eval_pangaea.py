@@ -18,7 +18,7 @@ model of pretrain.py (ckpt/; without --model: a random-init --size smoke), then 
         --modalities S2L2A,S1GRD --model ckpt/terramind.safetensors --crop 64 --channels 64 --epochs 20 --workers 0 \
         --out runs/pangaea/water
     python eval_pangaea.py folders --root data/synth --out data/synth_classes        # dominant-LULC classes
-    python eval_pangaea.py fewshot --root data/synth_classes --modality S2L2A --ways 5 --shots 1 \
+    python eval_pangaea.py fewshot --root data/synth_classes --modality S2L1C --ways 5 --shots 1 \
         --model ckpt/terramind.safetensors
     python eval_pangaea.py seg --dataset sen1floods11 --root data/sen1floods11_v1.1 --official TerraMind_v1_base.pt \
         --size base --modalities S2L1C,S1GRD --device cuda --out runs/pangaea/sen1floods11
@@ -524,7 +524,8 @@ def main():
     seg.add_argument("--replicate", type=int, default=1, help="repeat the train set N times per epoch")
     seg.add_argument("--workers", type=int, default=4, help="data loader workers")
     seg.add_argument("--out", default="runs/pangaea", help="output folder")
-    few.add_argument("--modality", default="S2L2A", help="the TerraMind modality the images are fed as")
+    few.add_argument("--modality", default="S2L1C", help="the TerraMind modality the images are fed as (default: "
+                     "S2L1C, as the paper's Table 5)")
     few.add_argument("--bands", default=None, help="band codes of the files, in order (default: the modality's)")
     few.add_argument("--ways", type=int, default=5, help="classes per run")
     few.add_argument("--shots", type=int, default=1, help="support images per class")
@@ -534,7 +535,8 @@ def main():
     q = sub.add_parser("folders", help="dominant-LULC image folders from a TerraMesh-layout folder")
     q.add_argument("--root", required=True, help="TerraMesh-layout folder with LULC/ and splits/")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--modality", default="S2L2A", help="the modality whose files are linked")
+    q.add_argument("--modality", default="S2L1C", help="the modality whose files are linked (default: S2L1C, the "
+                   "few-shot input of the paper's Table 5)")
     q.add_argument("--min-share", type=float, default=0.5, help="minimum share of the dominant class")
     q = sub.add_parser("table", help="results.json files -> paper Table 6 layout")
     q.add_argument("results", nargs="+", help="results.json files")

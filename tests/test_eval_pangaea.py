@@ -515,8 +515,8 @@ def test_folders_and_fewshot_commands_with_terramind(tmp_path):
         lulc = np.full((32, 32), k % 5 + 1, np.uint8)
         lulc[:4] = 8 if k % 2 else 0                     # clouds / no data: not counted
         _tif(root / "LULC" / f"{k:03d}.tif", lulc)
-        _tif(root / "S2L2A" / f"{k:03d}.tif", (np.full((32, 32, 12), 600 * (k % 5)) + rng.integers(0, 20, (32, 32, 12)))
-             .astype(np.int16))
+        _tif(root / "S2L1C" / f"{k:03d}.tif", (np.full((32, 32, 13), 600 * (k % 5)) + rng.integers(0, 20, (32, 32, 13)))
+             .astype(np.int16))                          # S-2 L1C: the few-shot default (paper Table 5)
     (root / "splits").mkdir()
     (root / "splits/train.txt").write_text("\n".join(f"{k:03d}" for k in range(25)))
     (root / "splits/test.txt").write_text("\n".join(f"{k:03d}" for k in range(25, 40)))
