@@ -37,7 +37,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -48,18 +48,27 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from fsq_tokenizer import TokenShards
-from masking import MIXTURES, Masking
+from cli import (TrainingDiverged, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                 run as run_main)
+from fsq_tokenizer import TokenShards, read_header
+from masking import MIXTURES, SCALES, Masking, cross_scale_overlap, parse_mixture
 from pictures import plot_curves
-from terramesh import PATCH, TerraMeshDataset, load_safetensors, parse_coords, save_safetensors
+from terramesh import (PATCH, TerraMeshDataset, dataset_modalities, expect_kind, is_shard_root, load_safetensors,
+                       parse_coords, save_safetensors, token_window)
 from terramind import (ENTRIES, ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig, entry_kind,
                        flops_per_token)
 from text_tokenizer import OFFICIAL_VOCAB, WordPieceTokenizer
 
-SIZE_DEFAULTS = {  # micro-batch per process, token budget (input + target); paper: 500B tokens
-    "smoke": dict(batch_size=32, tokens=2e6), "tiny": dict(batch_size=64, tokens=500e9),
-    "small": dict(batch_size=64, tokens=500e9), "base": dict(batch_size=64, tokens=500e9),
-    "large": dict(batch_size=32, tokens=500e9)}
+# The recipe per size. paper §8.2: base learning rate 2e-4, cosine over 500B tokens, global batches of 2K, 4K
+# and 8K compared on 32 GPUs; 4M: lr = blr * total_batch_size / 256. Ours: 4096 (4M-21's global batch at
+# TerraMind's 256 + 256 token budgets) for every real size; tiny/small take base's recipe; smoke is a CPU
+# run (blr 1.6e-2 = lr 2e-3 at batch 32). batch_size: the largest micro-batch per process (memory).
+SIZE_DEFAULTS = {
+    "smoke": dict(batch_size=32, total_batch_size=32, blr=1.6e-2, tokens=2e6),
+    "tiny": dict(batch_size=64, total_batch_size=4096, blr=2e-4, tokens=500e9),
+    "small": dict(batch_size=64, total_batch_size=4096, blr=2e-4, tokens=500e9),
+    "base": dict(batch_size=64, total_batch_size=4096, blr=2e-4, tokens=500e9),
+    "large": dict(batch_size=32, total_batch_size=4096, blr=2e-4, tokens=500e9)}
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense bf16
 STATE, MODEL = "pretrain_state.safetensors", "terramind.safetensors"
 TRAIN, VAL = 0, 1   # stream tags in the per-sample seeds
@@ -80,7 +89,8 @@ class PretrainData(Dataset):
                  shuffle: bool):
         self.root, self.text, self.masking, self.tile, self.seed, self.shuffle = root, text, masking, tile, seed, shuffle
         want = [short(e) for e in masking.entries if entry_kind(e) != "tokens"]
-        self.ds = TerraMeshDataset(root, [m for m in want if (Path(root) / m).is_dir()], size=None, split=split)
+        present = dataset_modalities(root, split)
+        self.ds = TerraMeshDataset(root, [m for m in want if m in present], size=None, split=split)
         self.tokens = tokens   # TokenShards or None
         self.token_entries = [e for e in masking.entries if entry_kind(e) == "tokens"]
         self._perm = (None, None)
@@ -108,14 +118,15 @@ class PretrainData(Dataset):
             H, W = next((self.tokens.get(short(e), sid).shape for e in self.token_entries
                          if self.tokens.has(short(e), sid)), (t // PATCH, t // PATCH))
             H, W = H * PATCH, W * PATCH
-        top = left = 0
-        if H is not None and (H, W) != (t, t):   # a patch-aligned crop: the same window for pixels and tokens
-            if H < t or W < t:
+        top = left = dy = dx = 0
+        if H is not None:   # the token grid covers the centred whole-patch window: 264 px tiles -> 256, 4 px in
+            (dy, gh), (dx, gw) = token_window(H), token_window(W)
+            if gh < t or gw < t:
                 raise ValueError(f"{self.root}: sample {sid} is {H}x{W} px, smaller than the tile size {t}")
             top, left = ((int(rng.integers(0, (n - t) // PATCH + 1)) if self.shuffle else (n - t) // PATCH // 2)
-                         * PATCH for n in (H, W))
-        for m in pixels:
-            out[m] = raw[m][:, top:top + t, left:left + t]
+                         * PATCH for n in (gh, gw)) if (gh, gw) != (t, t) else (0, 0)
+        for m in pixels:   # a patch-aligned crop: the same window for pixels and tokens
+            out[m] = raw[m][:, dy + top:dy + top + t, dx + left:dx + left + t]
         for e in self.token_entries:
             if self.tokens is not None and self.tokens.has(short(e), sid):
                 g = self.tokens.get(short(e), sid)                                           # (h, w)
@@ -151,20 +162,22 @@ class StepBatches:
 def available_entries(root, tokens_folder, log) -> tuple[list, TokenShards | None]:
     """The entries the data has (in ENTRIES order) and the token shards; says what is missing."""
     root, have = Path(root), []
-    shards = None
+    shards, present = None, dataset_modalities(root)
     if tokens_folder and Path(tokens_folder).is_dir():
         found = [m for m in (short(e) for e in ENTRIES if entry_kind(e) == "tokens")
                  if any((Path(tokens_folder) / m).glob("shard_*.safetensors"))]
         shards = TokenShards(tokens_folder, found) if found else None
     for e in ENTRIES:
         kind, m = entry_kind(e), short(e)
-        ok = (shards is not None and m in shards.modalities) if kind == "tokens" else \
-            (root / m).is_dir() and any((root / m).iterdir())
+        ok = (shards is not None and m in shards.modalities) if kind == "tokens" else m in present
         if ok:
             have.append(e)
+        elif kind == "tokens":
+            log(f"  {e}: no token shards in {tokens_folder}/{m} -> left out (budget 0)")
+        elif is_shard_root(root):   # said once at start: TerraMesh as published has no captions
+            log(f"  {e}: the published TerraMesh layout has no {m} -> left out (budget 0)")
         else:
-            where = f"no token shards in {tokens_folder}/{m}" if kind == "tokens" else f"no folder {root / m}"
-            log(f"  {e}: {where} -> left out (budget 0)")
+            log(f"  {e}: no folder {root / m} -> left out (budget 0)")
     return have, shards
 
 
@@ -187,8 +200,49 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+KILL_AT = "PRETRAIN_KILL_AT"   # test hook: "<point>@<step>" SIGKILLs this process at that point of save_state
+
+
+def kill_point(point: str, step: int):
+    """The crash test's hook (tests/test_reliability.py): with PRETRAIN_KILL_AT=<point>@<step> in the
+    environment, the process kills itself (SIGKILL, no clean-up) at that named point of the save at that step."""
+    if os.environ.get(KILL_AT) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def copy_file(src: Path, dst: Path, step: int, chunk: int = 1 << 20):
+    """A byte copy on a new inode (never a hard link: a later save must not touch the backup), flushed to
+    disk; the hook point "copying" lies halfway through."""
+    size = src.stat().st_size
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        while block := f.read(chunk):
+            g.write(block)
+            if g.tell() >= size // 2 and g.tell() - len(block) < size // 2:
+                kill_point("copying", step)
+        g.flush()
+        os.fsync(g.fileno())
+
+
+def fsync_folder(folder: Path):
+    """Makes the renames in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_files(out: Path) -> list:
+    """The temporary files save_state and the model export leave when killed (their names, nothing else)."""
+    names = [f"{STATE}.new*", f"{STATE}.tmp*", "pretrain_state.prev.tmp*", f"{MODEL}.tmp*"]
+    return sorted(p for name in names for p in out.glob(name) if p.is_file())
+
+
 def save_state(path: Path, model, opt, meta: dict):
-    """Model + optimizer + RNG, atomic (terramesh.save_safetensors); the previous file becomes *.prev."""
+    """Model + optimizer + RNG, safe against a kill at any instant: the current state is copied (not linked)
+    to *.prev through a temporary file and a rename, then the new state is written to a temporary file and
+    renamed over the current one. At every instant the folder holds a complete current state (the old or the
+    new one) on its own inode; a kill leaves at most temporary files, removed at the next start."""
     opt_sd = opt.state_dict()
     tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
                # 0-d tensors (AdamW's step) go as (1,): terramesh's checksum cannot view 0-d tensors
@@ -198,27 +252,34 @@ def save_state(path: Path, model, opt, meta: dict):
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt_sd["param_groups"]]
-    if path.exists():   # keep the last good state: link it to *.prev (atomically) before replacing it
-        prev, tmp = path.with_suffix(".prev.safetensors"), path.with_suffix(f".prev.tmp{os.getpid()}")
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copy2(path, tmp)
+    step, pid = meta["step"], os.getpid()
+    kill_point("start", step)
+    if path.exists():   # keep the last good state as *.prev
+        prev, tmp = path.with_suffix(".prev.safetensors"), path.with_suffix(f".prev.tmp{pid}")
+        copy_file(path, tmp, step)
+        kill_point("copied", step)
         os.replace(tmp, prev)
-    save_safetensors(path, tensors, {**meta, "opt_groups": groups, "opt_ids": list(opt_sd["state"])})
+        kill_point("rotated", step)
+    new = path.with_name(f"{path.name}.new{pid}")
+    save_safetensors(new, tensors, {**meta, "opt_groups": groups, "opt_ids": list(opt_sd["state"])})
+    kill_point("written", step)
+    os.replace(new, path)
+    fsync_folder(path.parent)
+    kill_point("replaced", step)
 
 
 def load_state(path: Path, device="cpu"):
     """-> (model state dict, optimizer state dict, rng tensors, meta); a bad file raises ValueError naming it
-    and the previous checkpoint to resume from instead."""
+    and the previous checkpoint to resume from instead. Tensors are cloned off the file's memory map, so
+    training never reads from (or writes into) a checkpoint file."""
     try:
         tensors, meta = load_safetensors(path, device)
-        if "run" not in meta:
-            raise ValueError(f"{path}: not a pretrain.py state (no run settings in the metadata)")
+        expect_kind(path, meta, "pretrain state")
     except ValueError as e:
         prev = path.with_suffix(".prev.safetensors")
         hint = f"; the previous state is {prev}: resume from it with --resume {prev}" if prev.exists() else ""
         raise ValueError(f"{e}{hint}") from None
+    tensors = {k: v.clone() for k, v in tensors.items()}
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     state = {int(i): {k.split(".", 2)[2]: v.reshape(()) if k.endswith(".step") else v
                       for k, v in tensors.items() if k.startswith(f"opt.{i}.")} for i in meta["opt_ids"]}
@@ -332,10 +393,12 @@ def train_step(net, model, opt, batches, accum, world, device, dtype, clip) -> t
 
 # the settings that define a run's data stream and schedule: stored in the state, restored by --resume;
 # a resumed run may change only FREE ones (a longer run, another micro-batch split)
-RUN_KEYS = ("size", "seed", "total_batch_size", "input_budget", "target_budget", "alphas", "tile", "lr", "warmup",
-            "weight_decay", "clip_grad", "steps", "token_budget", "batch_size", "text_tokenizer")
+RUN_KEYS = ("size", "seed", "total_batch_size", "input_budget", "target_budget", "alphas", "tile", "blr", "lr",
+            "warmup", "weight_decay", "clip_grad", "steps", "token_budget", "batch_size", "text_tokenizer",
+            "pixel_inputs", "scales")
 FREE = ("steps", "token_budget", "batch_size", "text_tokenizer")
-DEFAULTS = dict(size="smoke", seed=0, alphas="mix", lr=2e-4, warmup=0.02, weight_decay=0.05, clip_grad=1.0)
+DEFAULTS = dict(size="smoke", seed=0, alphas="mix", warmup=0.02, weight_decay=0.05, clip_grad=1.0,
+                pixel_inputs="all", scales="independent")
 
 
 def resolve(args, world: int, saved: dict | None) -> argparse.Namespace:
@@ -343,18 +406,24 @@ def resolve(args, world: int, saved: dict | None) -> argparse.Namespace:
     run = {}
     for k in RUN_KEYS:
         given = getattr(args, k)
-        if saved is not None and given is not None and k not in FREE and given != saved[k]:
-            raise ValueError(f"--{k.replace('_', '-')} {given} differs from the checkpoint's {saved[k]}: a resumed "
+        old = saved.get(k) if saved is not None else None   # None: a checkpoint from before the key
+        if old is not None and given is not None and k not in FREE and given != old:
+            raise ValueError(f"--{k.replace('_', '-')} {given} differs from the checkpoint's {old}: a resumed "
                              f"run keeps its data stream and schedule (only {', '.join(FREE)} may change)")
-        run[k] = given if given is not None or saved is None else saved[k]
+        run[k] = given if given is not None or saved is None else old
     if saved is not None and args.token_budget is not None and args.steps is None:
         run["steps"] = None   # a new token budget on resume sets the length
     run = argparse.Namespace(**{**run, **{k: v for k, v in DEFAULTS.items() if run[k] is None}})
-    run.batch_size = run.batch_size or SIZE_DEFAULTS[run.size]["batch_size"]
-    run.total_batch_size = run.total_batch_size or run.batch_size * world
-    if run.total_batch_size % (run.batch_size * world):
-        raise ValueError(f"--total-batch-size {run.total_batch_size} is not a multiple of --batch-size "
-                         f"{run.batch_size} x {world} processes")
+    resolve_batch(run, world)
+    if args.lr is not None and args.blr is not None:
+        raise ValueError("--lr and --blr both given: --blr is scaled by --total-batch-size / 256, --lr is the "
+                         "peak rate itself; give one")
+    if run.lr is None:   # 4M: the peak rate scales with the global batch
+        run.blr = run.blr or SIZE_DEFAULTS[run.size]["blr"]
+        run.lr = run.blr * run.total_batch_size / 256
+    if run.alphas not in MIXTURES:
+        parse_mixture(run.alphas)   # a bad --alphas fails here, with its message
+    pixel_entries(run.pixel_inputs)
     if run.text_tokenizer is None:
         if not OFFICIAL_VOCAB.exists():
             raise ValueError(f"no text tokenizer: {OFFICIAL_VOCAB} is absent; pass --text-tokenizer (a WordPiece "
@@ -375,6 +444,65 @@ def resolve(args, world: int, saved: dict | None) -> argparse.Namespace:
     return run
 
 
+def resolve_batch(run, world: int):
+    """The global batch (--total-batch-size, else the size's) and the micro-batch per process (--batch-size,
+    else the size's largest that divides the global batch over `world` processes); accumulation makes up
+    the rest, so every process count runs the same optimisation."""
+    run.total_batch_size = run.total_batch_size or SIZE_DEFAULTS[run.size]["total_batch_size"]
+    per_process = run.total_batch_size // world
+    if per_process == 0:
+        raise ValueError(f"--total-batch-size {run.total_batch_size} is smaller than the {world} processes")
+    if run.batch_size is None:
+        largest = min(SIZE_DEFAULTS[run.size]["batch_size"], per_process)
+        run.batch_size = max(b for b in range(1, largest + 1) if per_process % b == 0)
+    if run.total_batch_size % (run.batch_size * world):
+        raise ValueError(f"--total-batch-size {run.total_batch_size} is not a multiple of --batch-size "
+                         f"{run.batch_size} x {world} processes")
+
+
+def pixel_entries(spec: str) -> list:
+    """--pixel-inputs: 'all', 'none' or comma-separated pixel entries -> the pixel entries the model embeds
+    (paper §4.2: TerraMind-B-single takes S-2 L2A as its only pixel input, every modality as tokens)."""
+    pixels = [e for e in ENTRIES if entry_kind(e) == "pixels"]
+    if spec in ("all", "none"):
+        return pixels if spec == "all" else []
+    chosen = [m for m in spec.split(",") if m]
+    if bad := [m for m in chosen if m not in pixels]:
+        raise ValueError(f"--pixel-inputs {spec}: {', '.join(bad)} not a pixel entry; choose among all, none, "
+                         f"{', '.join(pixels)}")
+    return chosen
+
+
+def token_count(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def recipe(run, world: int, warmup: int) -> str:
+    """The startup lines that state the optimisation recipe (paper §8.2, 4M), with its source per value."""
+    per_step = run.total_batch_size * (run.input_budget + run.target_budget)
+    accum = run.total_batch_size // (run.batch_size * world)
+    rate = (f"base lr {run.blr:.1e} x {run.total_batch_size} / 256 = peak lr {run.lr:.1e} (4M scaling)"
+            if run.blr else f"peak lr {run.lr:.1e} (--lr, not scaled)")
+    return (f"recipe: {rate}; AdamW betas (0.9, 0.95), weight decay {run.weight_decay}, clip {run.clip_grad}\n"
+            f"  global batch {run.total_batch_size} = {world} process(es) x {accum} accumulation x "
+            f"{run.batch_size} micro-batch; tokens per sample {run.input_budget} + {run.target_budget}\n"
+            f"  warmup {warmup} steps ({run.warmup:.0%}, {token_count(warmup * per_step)} tokens), cosine to 0 at "
+            f"step {run.steps} ({token_count(run.steps * per_step)} tokens)\n"
+            f"  masking: alphas {run.alphas}, scales {run.scales}; pixel inputs {run.pixel_inputs}")
+
+
+def diverged(step: int, loss: float, norm: float, data: PretrainData, total: int, out: Path) -> TrainingDiverged:
+    """The error of a step whose loss or gradient norm is non-finite: the step, the samples it read (stream
+    positions, module docstring) and the last good checkpoint, which is left as it is."""
+    positions = range((step - 1) * total, step * total)
+    ids = [data.ds.ids[int(data.order(k // len(data))[k % len(data)])] for k in positions]
+    shown = ", ".join(ids[:16]) + (f" (+{len(ids) - 16} more)" if len(ids) > 16 else "")
+    last = f"{out / STATE} (step {read_header(out / STATE).get('step')})" if (out / STATE).exists() else "none yet"
+    return TrainingDiverged(f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: training stopped before "
+                            f"saving; the step's samples in {data.root}: {shown}; check them with `python "
+                            f"terramesh.py stats` or lower --lr; last good checkpoint: {last}")
+
+
 def train(args):
     rank, world, device = setup_distributed(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
@@ -383,22 +511,33 @@ def train(args):
         # leave the loader workers their cores: more threads than free cores stall every OpenMP barrier
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.workers))
     out = Path(args.out)
+    for stale in temp_files(out) if rank == 0 and out.is_dir() else []:
+        stale.unlink()
+        log(f"removed {stale}: a temporary file of an interrupted save")
     state = None
     if args.resume:
         path = out / STATE if args.resume is True else Path(args.resume)
         state = load_state(path)
         log(f"resuming {path} at step {state[3]['step']}")
     run = resolve(args, world, state[3]["run"] if state else None)
+    if state is not None and state[3]["step"] >= run.steps:
+        raise ValueError(f"--steps {run.steps}: the checkpoint is already at step {state[3]['step']}; give more "
+                         f"steps (or a larger --token-budget) to continue training")
     total, steps, grid = run.total_batch_size, run.steps, run.tile // PATCH
     accum = total // (run.batch_size * world)
     text = WordPieceTokenizer.from_file(run.text_tokenizer)
     log(f"data {args.data}, tokens {args.tokens}, text {run.text_tokenizer} ({text.vocab_size} ids)")
     entries, shards = available_entries(args.data, args.tokens, log)
-    config = replace(TerraMindConfig.preset(run.size), grid=grid, inputs=tuple(entries),
+    pixels = pixel_entries(run.pixel_inputs)
+    if left := [e for e in entries if entry_kind(e) == "pixels" and e not in pixels]:
+        log(f"  {', '.join(left)}: not a pixel input (--pixel-inputs {run.pixel_inputs}) -> left out")
+    inputs = [e for e in entries if entry_kind(e) != "pixels" or e in pixels]
+    config = replace(TerraMindConfig.preset(run.size), grid=grid, inputs=tuple(inputs),
                      targets=tuple(e for e in entries if entry_kind(e) != "pixels"))
     if state is not None:
         config = TerraMindConfig(**state[3]["config"])
-    masking = Masking(config.inputs, config.targets, run.input_budget, run.target_budget, run.alphas, grid)
+    masking = Masking(config.inputs, config.targets, run.input_budget, run.target_budget, run.alphas, grid,
+                      scales=run.scales)
     tokens_per_step = total * (run.input_budget + run.target_budget)           # 4M counts input + target slots
     warmup = math.ceil(run.warmup * steps)
     args.eval_every = args.eval_every or max(1, min(1000, steps // 8))
@@ -424,6 +563,9 @@ def train(args):
         if device.type == "cuda" and "rng.cuda.0" in state[2]:
             torch.cuda.set_rng_state_all([state[2][f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())])
         step = state[3]["step"]
+        if state[3]["position"] != step * total:   # the data stream resumes at sample step x total
+            raise ValueError(f"{path}: data position {state[3]['position']} is not step {step} x {total} samples")
+        log(f"resumed at step {step}: model, AdamW moments, RNG and data position {step * total} restored")
     net = model.compile_blocks() if args.compile else model   # the slot gathers and losses stay eager
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
@@ -436,9 +578,13 @@ def train(args):
         f"model {run.size}: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP per token (training)\n"
         f"  inputs  {' '.join(config.inputs)}\n  targets {' '.join(config.targets)}\n"
         f"run: {steps} steps x {total} samples x ({run.input_budget} + {run.target_budget}) tokens = "
-        f"{steps * tokens_per_step / 1e6:.1f}M tokens; {world} process(es) x {accum} accumulation x "
-        f"{run.batch_size} micro-batch; lr {run.lr:.1e}, warmup {warmup} steps, cosine to 0; "
-        f"alphas {run.alphas}; {device} {'bf16' if dtype else 'fp32'}{' compiled' if args.compile else ''}")
+        f"{steps * tokens_per_step / 1e6:.1f}M tokens; "
+        f"{device} {'bf16' if dtype else 'fp32'}{' compiled' if args.compile else ''}\n"
+        + recipe(run, world, warmup))
+    if rank == 0:   # paper §3.2 relates the two scales of a modality; how often a target sits under its pixels
+        shares = cross_scale_overlap([train_set[k] for k in range(min(64, len(train_set)))])
+        log("  token targets under visible pixels of their modality (first 64 samples): "
+            + (", ".join(f"{short(e)} {v:.0%}" for e, v in shares.items()) or "none (no pixel twin)"))
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -477,6 +623,8 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, warmup, run.lr)
         stats, norm = train_step(net, model, opt, batches, accum, world, device, dtype, run.clip_grad)
+        if not (torch.isfinite(stats[0]) and torch.isfinite(norm)):   # nothing of this step is saved
+            raise diverged(step + 1, stats[0].item() / (accum * world), norm.item(), train_set, total, out)
         step += 1
         bar.update(1)
         acc += stats
@@ -526,32 +674,40 @@ def main():
     p.add_argument("--text-tokenizer", help=f"WordPiece JSON for captions and coords (default: {OFFICIAL_VOCAB})")
     p.add_argument("--out", default="ckpt", help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--steps", type=int, help="optimizer steps (instead of --token-budget)")
-    p.add_argument("--token-budget", type=float, help="input + target tokens to train on, as 4M counts them "
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (instead of --token-budget)")
+    p.add_argument("--token-budget", type=positive_float, help="input + target tokens to train on, as 4M counts them "
                                                       "(default: smoke 2e6, others the paper's 500e9)")
-    p.add_argument("--batch-size", type=int, help="micro-batch per process (default: smoke 32, large 32, else 64)")
-    p.add_argument("--total-batch-size", type=int, help="samples per optimizer step over all processes; gradient "
-                                                        "accumulation makes up the rest (default: no accumulation)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the paper's 2e-4)")
-    p.add_argument("--warmup", type=float, help="warmup fraction of the steps (default 0.02: 4M's 10B of 500B)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: 4M's 0.05)")
-    p.add_argument("--clip-grad", type=float, help="gradient-norm clip, 0 = off (default 1.0)")
-    p.add_argument("--input-budget", type=int, help="input tokens per sample (default: 256 at 224 px, 64 at 64 px)")
-    p.add_argument("--target-budget", type=int, help="target tokens per sample (default: the input budget)")
-    p.add_argument("--alphas", choices=list(MIXTURES), help="Dirichlet mixture of masking.py (default mix)")
-    p.add_argument("--tile", type=int, help="tile side in px, a multiple of 16 (default: the data's, at most 224; "
+    p.add_argument("--batch-size", type=positive_int, help="micro-batch per process (default: the largest up to "
+                                                           "smoke 32, large 32, else 64 that divides the global batch)")
+    p.add_argument("--total-batch-size", type=positive_int, help="samples per optimizer step over all processes; "
+                   "gradient accumulation makes up the rest (default: smoke 32, else 4096, whatever the processes)")
+    p.add_argument("--blr", type=positive_float, help="base learning rate, peak = blr x total batch / 256 (4M; "
+                                                      "default: the paper's 2e-4, smoke 1.6e-2)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate itself, not scaled (instead of --blr)")
+    p.add_argument("--warmup", type=fraction, help="warmup fraction of the steps (default 0.02: 4M's 10B of 500B)")
+    p.add_argument("--weight-decay", type=nonnegative_float, help="AdamW weight decay (default: 4M's 0.05)")
+    p.add_argument("--clip-grad", type=nonnegative_float, help="gradient-norm clip, 0 = off (default 1.0)")
+    p.add_argument("--input-budget", type=positive_int, help="input tokens per sample (default: 256 at 224 px, 64 at 64 px)")
+    p.add_argument("--target-budget", type=positive_int, help="target tokens per sample (default: the input budget)")
+    p.add_argument("--alphas", help=f"Dirichlet mixture of masking.py: a name ({', '.join(MIXTURES)}; default mix) "
+                   "or components 'INPUTS/TARGETS@WEIGHT;...' of ENTRY=ALPHA lists, e.g. 'S2L2A=1000/*=0.5@1;mix@4'")
+    p.add_argument("--scales", choices=SCALES, help="pixel and token entries of one modality masked independently "
+                   "(default, 4M) or disjoint: no token target under a visible pixel patch of its modality")
+    p.add_argument("--pixel-inputs", help="pixel entries the model embeds: all (default), none, or a list such as "
+                   "S2L2A (TerraMind-B-single, paper §4.2: every other modality enters as tokens)")
+    p.add_argument("--tile", type=positive_int, help="tile side in px, a multiple of 16 (default: the data's, at most 224; "
                                             "larger tiles are cropped, the same window for pixels and tokens)")
-    p.add_argument("--seed", type=int, help="seed of the init, sample order, crops and masks (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, help="seed of the init, sample order, crops and masks (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
-    p.add_argument("--eval-every", type=int, help="steps between validations (default: steps / 8, at most 1000)")
-    p.add_argument("--eval-samples", type=int, default=512, help="validation samples (the first of splits/val.txt)")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
+    p.add_argument("--workers", type=nonnegative_int, help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
+    p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
+    p.add_argument("--eval-every", type=positive_int, help="steps between validations (default: steps / 8, at most 1000)")
+    p.add_argument("--eval-samples", type=positive_int, default=512, help="validation samples (the first of splits/val.txt)")
+    p.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", nargs="?", const=True, help=f"continue from <out>/{STATE}, or from the state given")
     train(p.parse_args())
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

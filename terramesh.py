@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from pictures import ramp, save_png, save_sheet  # noqa: F401  (re-exported: stages draw via terramesh)
+from terramesh_shards import SPLITS, Member, index_layout, is_shard_root, layout_modalities, read_sample
 
 # -----------------------------------------------------------------------------------------------------------
 # The modality table
@@ -50,7 +51,7 @@ TILE = 224   # official input size of every image modality
 PATCH = 16   # official patch size: 224 / 16 = 14 x 14 = 196 tokens per image modality
 
 S2_BANDS = ("COASTAL_AEROSOL", "BLUE", "GREEN", "RED", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3",
-            "NIR_BROAD", "NIR_NARROW", "WATER_VAPOR", "SWIR_1", "SWIR_2")  # spec §1.2, L2A has no B10
+            "NIR_BROAD", "NIR_NARROW", "WATER_VAPOR", "SWIR_1", "SWIR_2")  # official PRETRAINED_BANDS; L2A has no B10
 S2_BAND_CODES = dict(zip(S2_BANDS + ("CIRRUS",), ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A",
                                                    "B9", "B11", "B12", "B10")))
 
@@ -65,7 +66,7 @@ class Modality:
     vocab_size: int | None = None      # size of the token vocabulary
     fsq_levels: tuple | None = None    # FSQ levels of its image tokenizer (prod = vocab_size)
     decoder: str | None = None         # its tokenizer's decoder: "diffusion" or "vit"
-    mean: tuple = ()                   # official v1 standardization constants, per band (spec §1.3)
+    mean: tuple = ()                   # official v1 standardization, per band (assets/official)
     std: tuple = ()
     dtype: str = "float32"             # dtype of real TerraMesh files
     max_length: int | None = None      # sequence modalities: maximum tokens
@@ -263,6 +264,13 @@ def parse_coords(text: str, path="coords") -> tuple[float, float]:
     return lon, lat
 
 
+def token_window(n: int) -> tuple[int, int]:
+    """(offset, length) of the centred run of whole patches in a side of n px: the window a tile's token grid
+    covers. TerraMesh's 264 px tiles -> (4, 256); 224 and 64 px tiles -> (0, n)."""
+    length = n // PATCH * PATCH
+    return (n - length) // 2, length
+
+
 def format_coords(lon: float, lat: float) -> str:
     """(lon, lat) -> 'lat=35.75 lon=-89.00' on the official 0.25 degree grid (never '-0.00')."""
     lat, lon = round(lat * 4) / 4 + 0.0, round(lon * 4) / 4 + 0.0
@@ -280,7 +288,11 @@ class TerraMeshDataset(torch.utils.data.Dataset):
     (C, H, W), LULC as an int64 class map (H, W), caption and coords as strings, the label (if asked for) as
     int64 (H, W). Missing modalities are simply absent. `size` crops every image to size x size ("center" or
     "random" crop, the same window for all modalities of a sample); `size=None` keeps the full tile.
-    `split` reads the sample ids from `<root>/splits/<split>.txt`."""
+    `split` reads the sample ids from `<root>/splits/<split>.txt`.
+
+    A root in the published layout, `<root>/{train,val}/<MODALITY>/*.tar` of `<key>.zarr.zip` samples
+    (terramesh_shards.py), gives the same dict: ids are the sample keys, `split` is the train or val folder
+    (both when None), `files[m][key]` is a tar member, and coords is the text of the sample's centre."""
 
     def __init__(self, root, modalities=None, size=224, crop="center", seed=0, split=None, labels=None):
         self.root, self.size, self.crop, self.seed, self.labels = Path(root), size, crop, seed, labels
@@ -288,6 +300,12 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such dataset folder")
+        self.epoch = 0
+        self.nan_replaced: dict[str, int] = {}          # modality -> NaN pixels replaced (this process)
+        self.published = is_shard_root(self.root)
+        if self.published:
+            self._index_shards(modalities, split, labels)
+            return
         folders = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         unknown = {f for f in folders - set(MODALITIES) - {"splits"} if f != "label" and
                    not f.startswith("label_")}
@@ -314,8 +332,30 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             self.ids = sorted(set().union(*(self.files[m] for m in self.modalities)) if self.modalities else [])
         if labels:
             self.ids = [i for i in self.ids if i in self.files[labels]]
-        self.epoch = 0
-        self.nan_replaced: dict[str, int] = {}          # modality -> NaN pixels replaced (this process)
+
+    def _index_shards(self, modalities, split, labels):
+        """The published layout: every tar of the split(s) indexed (cached beside it), keys in shard order."""
+        if labels:
+            raise ValueError(f"{self.root}: label folders need the GeoTIFF layout, the published shards have none")
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"{self.root}: the published layout has the splits {', '.join(SPLITS)}, not {split!r}")
+        splits = [split] if split else list(SPLITS)
+        folders = layout_modalities(self.root, splits)
+        unknown = sorted(set(folders) - set(IMAGE_MODALITIES))
+        if unknown:
+            raise ValueError(f"{self.root}: unknown modality folder(s) {unknown} in {'/'.join(splits)}; known: "
+                             f"{', '.join(IMAGE_MODALITIES)}")
+        if modalities is None:
+            modalities = dataset_modalities(self.root, split)
+        for m in modalities:
+            modality(m)
+        self.modalities = list(modalities)
+        scan = folders if "coords" in self.modalities else [m for m in folders if m in self.modalities]
+        ids, found = index_layout(self.root, splits, scan)
+        self.files = {m: found.get(m, {}) for m in self.modalities}      # caption: TerraMesh has none
+        if "coords" in self.modalities:                                  # any modality's member has the centre
+            self.files["coords"] = {key: member for m in reversed(scan) for key, member in found[m].items()}
+        self.ids = [key for key in ids if any(key in self.files[m] for m in self.modalities)]
 
     def __len__(self):
         return len(self.ids)
@@ -329,20 +369,7 @@ class TerraMeshDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         sid = self.ids[i]
-        sample, arrays = {}, {}
-        for m in self.available(i):
-            path = self.files[m][sid]
-            if MODALITIES[m].kind == "sequence":
-                text = path.read_text(encoding="utf-8").strip()
-                if m == "coords":
-                    parse_coords(text, path)
-                sample[m] = text
-            else:
-                arrays[m] = (path, self._read_image(m, path))
-        if self.labels and sid in self.files[self.labels]:
-            path = self.files[self.labels][sid]
-            x, _ = read_tiff(path)
-            arrays[self.labels] = (path, to_channels_first(x, 1, path)[0].astype(np.int64))
+        sample, arrays = self._read_shards(i) if self.published else self._read_tiffs(i)
         if not arrays:
             return sample
         shapes = {m: x.shape[-2:] for m, (_, x) in arrays.items()}
@@ -368,10 +395,54 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         return int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
 
+    def _read_tiffs(self, i: int) -> tuple[dict, dict]:
+        """The modalities of sample i from their GeoTIFF and text files, and its label if asked for."""
+        sid, sample, arrays = self.ids[i], {}, {}
+        for m in self.available(i):
+            path = self.files[m][sid]
+            if MODALITIES[m].kind == "sequence":
+                text = path.read_text(encoding="utf-8").strip()
+                if m == "coords":
+                    parse_coords(text, path)
+                sample[m] = text
+            else:
+                arrays[m] = (path, self._read_image(m, path))
+        if self.labels and sid in self.files[self.labels]:
+            path = self.files[self.labels][sid]
+            x, _ = read_tiff(path)
+            arrays[self.labels] = (path, to_channels_first(x, 1, path)[0].astype(np.int64))
+        return sample, arrays
+
+    def _read_shards(self, i: int) -> tuple[dict, dict]:
+        """The image modalities of sample i from their zarr.zip members, and its coords from their centre."""
+        sid, sample, arrays, centre = self.ids[i], {}, {}, None
+        for m in self.available(i):
+            if MODALITIES[m].kind == "image":
+                member = self.files[m][sid]
+                zarr = read_sample(*member)
+                arrays[m] = (member, self._prepare(m, self._bands(m, zarr["bands"], member), member))
+                centre = (zarr["center_lon"], zarr["center_lat"])
+        if "coords" in self.available(i):
+            if centre is None:
+                zarr = read_sample(*self.files["coords"][sid])
+                centre = (zarr["center_lon"], zarr["center_lat"])
+            sample["coords"] = format_coords(float(centre[0]), float(centre[1]))
+        return sample, arrays
+
+    @staticmethod
+    def _bands(m: str, bands: np.ndarray, member: Member) -> np.ndarray:
+        """`bands` (time=1, band, y, x) -> (C, H, W), its band count checked against the modality table."""
+        if bands.ndim != 4 or bands.shape[1] != MODALITIES[m].channels:
+            raise ValueError(f"{member}: expected bands (time, {MODALITIES[m].channels}, y, x) for {m}, got "
+                             f"{bands.shape}")
+        return bands[0]
+
     def _read_image(self, m: str, path) -> np.ndarray:
-        mod = MODALITIES[m]
         x, _ = read_tiff(path)
-        x = to_channels_first(x, mod.channels, path)
+        return self._prepare(m, to_channels_first(x, MODALITIES[m].channels, path), path)
+
+    def _prepare(self, m: str, x: np.ndarray, path) -> np.ndarray:
+        """(C, H, W) as stored -> standardized float32, NaN -> the band mean; LULC -> int64 (H, W) classes."""
         if m == "LULC":
             x = x[0].astype(np.int64)
             if x.min() < 0 or x.max() >= len(LULC_CLASSES):
@@ -428,6 +499,48 @@ def load_safetensors(path, device="cpu") -> tuple[dict, dict]:
     return tensors, meta
 
 
+CHECKPOINT_KINDS = {   # what each stage writes, told apart by the metadata keys it stores
+    "pretrain state": "pretrain.py's pretrain_state.safetensors, read by --resume",
+    "TerraMind model": "pretrain.py's terramind.safetensors or terramind.py convert's output",
+    "tokenizer state": "fsq_tokenizer.py train's tokenizer_<MOD>.state.safetensors",
+    "image tokenizer": "fsq_tokenizer.py train's tokenizer_<MOD>.safetensors",
+    "TiM state": "tim_finetune.py train's state.safetensors",
+    "TiM model": "tim_finetune.py train's model.safetensors",
+    "PANGAEA head": "eval_pangaea.py seg's head.safetensors",
+    "token shard": "fsq_tokenizer.py tokenize's shard_<N>.safetensors",
+}
+
+
+def checkpoint_kind(meta: dict) -> str:
+    """Which stage wrote a checkpoint, from its metadata: a key of CHECKPOINT_KINDS, or 'unknown file'."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if "opt_ids" in meta:
+        return "TiM state" if "sched" in meta else "pretrain state"
+    if "opt" in meta:
+        return "tokenizer state"
+    if meta.get("kind") == "tokenizer":
+        return "image tokenizer"
+    if "ids" in meta and "modality" in meta:
+        return "token shard"
+    if "encoder" in config:
+        return "TiM model"
+    if "encoder" in meta:
+        return "PANGAEA head"
+    if "encoder_depth" in config:
+        return "TerraMind model"
+    return "unknown file"
+
+
+def expect_kind(path, meta: dict, *expected: str):
+    """Refuses a checkpoint another stage wrote: the error names the kind given and the kind expected."""
+    kind = checkpoint_kind(meta)
+    if kind not in expected:
+        given = f"a {kind} ({CHECKPOINT_KINDS[kind]})" if kind in CHECKPOINT_KINDS else \
+            "not a checkpoint of this project"
+        want = " or ".join(f"a {k} ({CHECKPOINT_KINDS[k]})" for k in expected)
+        raise ValueError(f"{path}: is {given}; expected {want}")
+
+
 def _crc32(tensors: dict) -> int:
     crc = 0
     for k in sorted(tensors):
@@ -480,6 +593,23 @@ def render(name: str, x, standardized: bool = False) -> np.ndarray:
 
 # -----------------------------------------------------------------------------------------------------------
 # Commands
+
+def dataset_modalities(root, split=None) -> list[str]:
+    """The modalities a dataset folder holds: its modality folders (GeoTIFF layout), or the modality folders
+    of its train/val shards plus coords (the published layout: every sample has a centre, none a caption)."""
+    root = Path(root)
+    if is_shard_root(root):
+        folders = layout_modalities(root, [split] if split else SPLITS)
+        return [m for m in MODALITIES if m in folders] + ["coords"]
+    return [m for m in MODALITIES if (root / m).is_dir() and any((root / m).iterdir())]
+
+
+def has_split(root, split) -> bool:
+    """Whether `split` selects samples: a published split folder, or a GeoTIFF root's splits/<split>.txt."""
+    if is_shard_root(root):
+        return split in SPLITS and (Path(root) / split).is_dir()
+    return bool(split) and (Path(root) / "splits" / f"{split}.txt").exists()
+
 
 def dataset_stats(root, limit=None) -> dict:
     """Per-band mean and std of every image modality under `root` in physical units (NaN ignored), with the

@@ -4,6 +4,7 @@ two gloo processes, an uninterrupted run against a SIGKILLed and resumed one, an
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from text_tokenizer import WordPieceTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--size", "smoke", "--batch-size", 4, "--total-batch-size", 8, "--lr", 2e-3, "--workers", 0,
-         "--eval-every", 1000, "--eval-samples", 8, "--log-every", 1]   # 2 micro-batches of 4 per step
+         "--eval-every", 1000, "--eval-samples", 8, "--log-every", 1, "--device", "cpu"]   # 2 micro-batches of 4
 
 
 def command(world, out, steps, *extra):
@@ -153,6 +154,34 @@ def test_resume_keeps_the_data_stream():
     assert run.steps == 20 and run.seed == 0 and run.input_budget == 64
 
 
+def test_saved_state_restores_model_moments_rng_and_position(tmp_path):
+    """What --resume loads (save_state, load_state, then load_state_dict as train() does) equals what was
+    saved: every weight, both AdamW moments and its step count, the RNG and the data position."""
+    torch.manual_seed(0)
+    config = replace(TerraMindConfig.preset("smoke"), grid=4)
+    model = TerraMind(config)
+    opt = torch.optim.AdamW(pretrain.param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    generator_state = torch.get_rng_state()
+    pretrain.save_state(tmp_path / pretrain.STATE, model, opt, {"step": 2, "position": 16, "run": {}})
+    sd, osd, rng, meta = pretrain.load_state(tmp_path / pretrain.STATE)
+    torch.manual_seed(1)
+    again = TerraMind(config)
+    again_opt = torch.optim.AdamW(pretrain.param_groups(again, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=True)
+    again.load_state_dict(sd)
+    again_opt.load_state_dict(osd)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    for p, q in zip(model.parameters(), again.parameters()):
+        s, t = opt.state[p], again_opt.state[q]
+        assert torch.equal(s["exp_avg"], t["exp_avg"]) and torch.equal(s["exp_avg_sq"], t["exp_avg_sq"])
+        assert float(t["step"]) == 2 and s["exp_avg_sq"].abs().sum() > 0
+    assert torch.equal(rng["rng.torch"], generator_state)
+    assert (meta["step"], meta["position"]) == (2, 16)
+
+
 def test_validation_table_has_table9_layout():
     config = TerraMindConfig.preset("smoke")
     table = pretrain.val_table({"tok_S2L2A": 1.5}, config, "smoke").splitlines()
@@ -241,8 +270,10 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(world, reference, tmp
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert max(losses(tmp_path)) < 6, "the run ended before it could be killed"
-    assert (tmp_path / pretrain.STATE).exists()
-    run(cmd + ["--resume"], env=env)
+    saved = pretrain.load_state(tmp_path / pretrain.STATE)[3]["step"]
+    said = run(cmd + ["--resume"], env=env)
+    assert f"resumed at step {saved}: " in said                                  # not from step 0
+    assert [int(s) for s in re.findall(r"^step (\d+)/6 \|", said, re.M)] == list(range(saved + 1, 7))
     assert losses(tmp_path) == losses(reference)
 
 
@@ -264,3 +295,107 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_loads(reference, t
     model.write_bytes(model.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         TerraMind.from_checkpoint(model)
+
+
+@pytest.mark.parametrize("point", [pytest.param("start", marks=pytest.mark.slow), "copying",
+                                   pytest.param("rotated", marks=pytest.mark.slow), "written",
+                                   pytest.param("replaced", marks=pytest.mark.slow)])   # CI: the two with temp files
+def test_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_losses(world, reference, tmp_path, point):
+    """SIGKILL at a named point of save_state at step 4 (pretrain.KILL_AT): before anything, halfway through
+    copying the state to *.prev, after the rotation, after the new state's temporary file is written, after
+    the rename. The folder keeps a complete state; the resumed run removes the temporary files, keeps the
+    backup on its own inode and logs exactly the losses of an uninterrupted run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = list(map(str, command(world, tmp_path, 6, "--save-every", 2)))
+    killed = subprocess.run(cmd, cwd=ROOT, env={**env, pretrain.KILL_AT: f"{point}@4"}, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    saved = pretrain.load_state(tmp_path / pretrain.STATE)[3]["step"]
+    assert saved == (4 if point == "replaced" else 2)
+    left = pretrain.temp_files(tmp_path)
+    assert bool(left) == (point in ("copying", "written")), left
+    said = run(cmd + ["--resume"], env=env)
+    assert all(f"removed {f}" in said for f in left)
+    assert losses(tmp_path) == losses(reference)
+    assert pretrain.temp_files(tmp_path) == []
+    state, prev = tmp_path / pretrain.STATE, tmp_path / "pretrain_state.prev.safetensors"
+    assert state.stat().st_ino != prev.stat().st_ino and prev.stat().st_nlink == 1
+    assert pretrain.load_state(prev)[3]["step"] == 4
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The paper's recipe as the default (paper §8.2, 4M), the ablation switches
+
+
+def fresh_args(**given):
+    return argparse.Namespace(**({k: None for k in pretrain.RUN_KEYS} | given), data=None)
+
+
+def test_base_defaults_are_the_papers_recipe_on_any_number_of_processes():
+    """paper §8.2: base rate 2e-4, 500B tokens; 4M: peak = blr x global batch / 256; one global batch (4096, our
+    pick of the paper's 2K/4K/8K) on 1, 8 or 32 processes; warmup 10B tokens (4M)."""
+    for world in (1, 8, 32):
+        run = pretrain.resolve(fresh_args(size="base", tile=224), world, None)
+        assert run.blr == 2e-4 and run.lr == pytest.approx(2e-4 * 4096 / 256)
+        assert run.total_batch_size == 4096 and run.total_batch_size % (run.batch_size * world) == 0
+        assert run.batch_size <= 64 and (run.input_budget, run.target_budget) == (256, 256)
+        assert run.steps == math.ceil(500e9 / (4096 * 512))
+        text = pretrain.recipe(run, world, math.ceil(run.warmup * run.steps))
+        assert "base lr 2.0e-04 x 4096 / 256 = peak lr 3.2e-03" in text and "global batch 4096" in text
+        assert "warmup 4769 steps (2%, 10B tokens)" in text and "(500B tokens)" in text, text
+    large = pretrain.resolve(fresh_args(size="large", tile=224), 32, None)
+    assert (large.batch_size, large.total_batch_size, large.lr) == (32, 4096, pytest.approx(3.2e-3))
+
+
+def test_lr_flags_blr_scales_lr_does_not():
+    run = pretrain.resolve(fresh_args(size="base", tile=224, blr=1e-4, total_batch_size=8192), 1, None)
+    assert run.lr == pytest.approx(1e-4 * 8192 / 256) and run.batch_size == 64
+    run = pretrain.resolve(fresh_args(size="base", tile=224, lr=5e-4, total_batch_size=8192), 1, None)
+    assert run.lr == 5e-4 and run.blr is None
+    assert "peak lr 5.0e-04 (--lr, not scaled)" in pretrain.recipe(run, 1, 1)
+    with pytest.raises(ValueError, match="--lr and --blr both given"):
+        pretrain.resolve(fresh_args(size="base", tile=224, lr=5e-4, blr=1e-4), 1, None)
+    with pytest.raises(ValueError, match="not a multiple of --batch-size 48 x 2 processes"):
+        pretrain.resolve(fresh_args(size="base", tile=224, batch_size=48), 2, None)
+    with pytest.raises(ValueError, match="--total-batch-size 32 is not a multiple of --batch-size 10 x 3"):
+        pretrain.resolve(fresh_args(size="smoke", tile=64), 3, None)     # 32 samples cannot split over 3
+    assert pretrain.resolve(fresh_args(size="smoke", tile=64), 4, None).batch_size == 8
+
+
+def test_pixel_inputs_and_alphas_flags():
+    assert pretrain.pixel_entries("S2L2A") == ["S2L2A"] and pretrain.pixel_entries("none") == []
+    assert pretrain.pixel_entries("all") == [e for e in ENTRY_INDEX if entry_kind(e) == "pixels"]
+    with pytest.raises(ValueError, match="--pixel-inputs S2L2A,tok_DEM: tok_DEM not a pixel entry"):
+        pretrain.pixel_entries("S2L2A,tok_DEM")
+    with pytest.raises(ValueError, match="unknown entry 'S2'"):
+        pretrain.resolve(fresh_args(size="smoke", tile=64, alphas="S2=1/*=1"), 1, None)
+
+
+def test_default_global_batch_gives_the_same_losses_on_one_and_two_processes(world, tmp_path):
+    """No --total-batch-size and no learning-rate flag: the smoke size's global batch 32 and its rate, reached by
+    4 micro-batches of 8 on one process and 2 on each of two processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--data", world.data, "--tokens", world.tokens, "--text-tokenizer", world.text, "--steps", 2,
+             "--size", "smoke", "--batch-size", 8, "--workers", 0, "--eval-every", 1000, "--eval-samples", 8,
+             "--log-every", 1]
+    said = run([sys.executable, "pretrain.py", *flags, "--out", tmp_path / "one"], env=env)
+    assert "global batch 32 = 1 process(es) x 4 accumulation x 8 micro-batch" in said
+    assert "base lr 1.6e-02 x 32 / 256 = peak lr 2.0e-03" in said
+    said = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain.py",
+                *flags, "--out", tmp_path / "two"], env=env)
+    assert "global batch 32 = 2 process(es) x 2 accumulation x 8 micro-batch" in said
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2]
+    for s in two:
+        assert abs(two[s] - one[s]) <= 1e-5 * abs(one[s]), (s, two[s], one[s])
+
+
+def test_b_single_disjoint_scales_and_custom_alphas_run(world, tmp_path):
+    """TerraMind-B-single (paper §4.2): S-2 L2A the only pixel input, every modality a token input; disjoint
+    scales report no token target under visible pixels; a command-line mixture is accepted."""
+    said = run(command(world, tmp_path, 1, "--pixel-inputs", "S2L2A", "--scales", "disjoint", "--alphas",
+                       "S2L2A=1000/*=0.5@1;all2allmix@3"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    config = TerraMind.from_checkpoint(tmp_path / pretrain.MODEL).config
+    assert [e for e in config.inputs if entry_kind(e) == "pixels"] == ["S2L2A"]
+    assert {e for e in config.inputs if entry_kind(e) != "pixels"} == set(config.targets)
+    assert "S1GRD, S1RTC, DEM: not a pixel input (--pixel-inputs S2L2A)" in said
+    assert "(first 64 samples): S2L2A 0%" in said and "scales disjoint" in said

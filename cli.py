@@ -1,0 +1,108 @@
+"""
+What every command shares at its edge: argparse types that refuse a meaningless number before any work is
+spent, and `run`, which turns a refused input into one line on stderr instead of a traceback.
+
+It imports nothing from the project (the lowest module of the import graph), so every script can use it:
+
+    p.add_argument("--steps", type=positive_int, help="optimizer steps")
+    p.add_argument("--warmup", type=fraction, help="warmup share of the steps")
+    ...
+    if __name__ == "__main__":
+        run(main)
+
+A stage refuses bad input by raising ValueError, OSError or KeyError with a message that names the file or
+flag, what is wrong and what to do; `run` prints `error: <message>` and exits with status 1.
+`TERRAMIND_TRACEBACK=1` shows the full traceback instead (for debugging the code itself).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became non-finite: training stopped at that step (the message says which)."""
+
+
+def _number(text: str, kind):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (steps, batch sizes, intervals, counts)."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer (1 or more)")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0 (seeds, worker processes)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, token budgets)."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay, temperature, clip bounds; 0 often means off)."""
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in [0, 1] (warmup share, top-p, minimum class share)."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1]")
+    return value
+
+
+def decay(text: str) -> float:
+    """An EMA decay in [0, 1): 0 is off, 1 would never move."""
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1) (0: off)")
+    return value
+
+
+def one_line(error: BaseException) -> str:
+    """The message of a refused input, one line. A DataLoader worker's error carries the worker's traceback
+    in its text: its last line is the original message."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1] if "Original Traceback" in str(text) else " ".join(line.strip() for line in lines)
+    name = f"{type(error).__name__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
+def run(main, *args):
+    """Calls main(*args); a ValueError, OSError, KeyError or TrainingDiverged ends the process with one line
+    on stderr and exit status 1 (TERRAMIND_TRACEBACK=1: the traceback)."""
+    try:
+        return main(*args)
+    except (ValueError, OSError, KeyError, TrainingDiverged) as e:
+        if os.environ.get("TERRAMIND_TRACEBACK"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
