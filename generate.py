@@ -14,7 +14,8 @@ Targets are generated in the user's order, each one an encoder input of the next
     / linear / onex, top-k, top-p, classifier-free guidance. coords, caption: autoregressive from [S_1];
   * decoding: tokenizers (`--diffusion-steps` DDIM steps; LULC by argmax) to physical units, coords to (lon,
     lat), captions to text. Tiles larger than the model's (config.grid x 16 px) run in overlapping windows
-    (paper §11.1) that fill one token grid, each conditioned on its neighbours' tokens, decoded in one piece.
+    (paper §11.1) that fill one token grid, each conditioned on its neighbours' tokens, decoded in one piece;
+    `--scene` (generate_scene) reads those windows from the files and decodes and writes window row by row.
 
 Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `generate_tokens(...)`, `Sampling`.
 
@@ -23,6 +24,9 @@ Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `genera
         --targets LULC,S1GRD,DEM,coords --out out/gen
     python generate.py eval --model ckpt/terramind.safetensors --tokenizers ckpt/ --data data/synth --split test \\
         --n 64 --temperature 0 --sen1floods11 assets/sen1floods11 --out out/eval
+    # a whole Sentinel-2 tile in bounded memory (scene.py): tiled GeoTIFF outputs, --resume after a crash
+    python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=T32TMT_S2L2A.tif \\
+        --targets LULC --scene --out out/T32TMT
     # one GPU: the same with --device cuda (and --batch-size 64 windows per forward pass)
 There is no multi-GPU variant: generation is inference, one process per GPU over separate files.
 """
@@ -44,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main
 from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
@@ -447,10 +452,15 @@ def fill_token_grid(model, tokenizers, read, seqs: dict, targets: list, plan: Wi
 
 
 def window_noise(seed: int, name: str, r: int, c: int, shape: tuple) -> torch.Tensor:
-    """The diffusion start noise of the window at pixel (r, c), from a generator seeded by (seed, modality, r, c):
-    a window draws the same noise whatever ran before it (a resumed run, another batch size)."""
-    key = np.random.SeedSequence([seed, list(MODALITIES).index(name), r, c]).generate_state(1)[0]
-    return torch.randn(shape, generator=torch.Generator().manual_seed(int(key)))
+    """The diffusion start noise (B, C, h, w) of the window at pixel (r, c): each 16 px patch of the scene draws
+    its own from a generator seeded by (seed, modality, patch row, patch column), so overlapping windows start
+    from the same noise where they overlap, and a window's noise does not depend on what ran before it."""
+    B, C, h, w = shape
+    m, rows = list(MODALITIES).index(name), []
+    for i in range(r // PATCH, (r + h) // PATCH):
+        rngs = [np.random.default_rng([seed, m, i, j]) for j in range(c // PATCH, (c + w) // PATCH)]
+        rows.append(np.concatenate([g.standard_normal((B, C, PATCH, PATCH), np.float32) for g in rngs], -1))
+    return torch.from_numpy(np.concatenate(rows, -2))                                # (B, C, h, w)
 
 
 def stitch_cuts(starts: list, size: int, tile: int) -> list[tuple[int, int]]:
@@ -805,22 +815,25 @@ def main():
                         "one the checkpoint was pretrained with, else the official v1 vocabulary)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--scheme", default="roar", choices=["roar", "maskgit"], help="image decoding scheme")
-    parser.add_argument("--steps", type=int, default=1, help="decoding steps per image target (official: 1)")
+    parser.add_argument("--steps", type=positive_int, default=1, help="decoding steps per image target (official: 1)")
     parser.add_argument("--schedule", default="cosine", choices=["cosine", "linear"], help="MaskGIT token schedule")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: argmax)")
+    parser.add_argument("--temperature", type=nonnegative_float, default=1.0, help="sampling temperature (0: argmax)")
     parser.add_argument("--temp-schedule", default="constant", help="constant, linear or onex:MIN:POWER")
-    parser.add_argument("--top-k", type=float, default=0, help="top-k filter (integer k, or a share < 1; 0: off)")
-    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus filter (0: off)")
-    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1: off)")
-    parser.add_argument("--diffusion-steps", type=int, default=DECODE_STEPS, help="DDIM steps of the tokenizer "
-                        f"decoders (ours {DECODE_STEPS}; the official TerraMindGeneration {OFFICIAL_DECODE_STEPS})")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows x samples per forward pass")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator behind all sampling")
+    parser.add_argument("--top-k", type=nonnegative_float, default=0,
+                        help="top-k filter (integer k, or a share < 1; 0: off)")
+    parser.add_argument("--top-p", type=fraction, default=0.8, help="nucleus filter (0: off)")
+    parser.add_argument("--cfg", type=nonnegative_float, default=1.0, help="classifier-free guidance scale (1: off)")
+    parser.add_argument("--diffusion-steps", type=positive_int, default=DECODE_STEPS,
+                        help=f"DDIM steps of the tokenizer decoders (ours {DECODE_STEPS}; the official "
+                        f"TerraMindGeneration {OFFICIAL_DECODE_STEPS})")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="windows x samples per forward pass")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="seed of the torch.Generator behind all sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if evaluate:
         parser.add_argument("--data", default=None, help="TerraMesh-layout folder with ground truth")
         parser.add_argument("--split", default="test", help="split (all samples when the folder has none)")
-        parser.add_argument("--n", type=int, default=64, help="number of samples")
+        parser.add_argument("--n", type=positive_int, default=64, help="number of samples")
         parser.add_argument("--pairs", default="S2L2A:S1GRD,S2L2A:S1RTC,S2L2A:DEM,S2L2A:NDVI,S2L2A:LULC,S1GRD:S2L2A,"
                             "S1RTC:S2L2A,S1GRD:DEM,S1GRD:NDVI,S1GRD:LULC,S2L2A:coords",
                             help="input(+input):output pairs; pairs the data or tokenizers lack are skipped")
@@ -847,4 +860,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,7 +14,8 @@ S1GRD, S2 L1C -> S2L1C, labels -1 ignored) or a TerraMesh-layout folder with a l
 label_water), standardized with TerraMind's pretraining constants (official configs), NaN -> the mean. Produces
 in --out: model.safetensors (best validation mIoU: encoder, head and frozen generator, config in the metadata;
 `TiMSegmenter.from_checkpoint`), state.safetensors (--resume), results.json, log.jsonl, curves.png, prediction.png.
-`predict` writes a georeferenced class mask (the input's tags) and a PNG overlay, in sliding windows. `--cache`
+`predict` streams inputs of any size window by window (scene.py) into a tiled class mask GeoTIFF with the
+inputs' georeferencing, resumable with --resume, and a PNG overlay up to 2048 px. `--cache`
 reuses generated TiM tokens per (sample, crop): deterministic sampling only (see README).
 
     # CPU smoke run: synthetic world, smoke TerraMind from pretrain.py (64 px tiles)
@@ -42,14 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
+                 positive_int, run_main)
 from eval_pangaea import (UPerNet, confusion_matrix, default_layers, save_prediction, segmentation_scores,
                           sliding_inference, window_starts, write_json)
 from generate import Sampling, generate_tokens
 from pangaea_datasets import OPTICAL, READERS, SAR, TerraMeshLabels, band_codes
 from pictures import plot_curves, save_png
 from scene import Progress, Raster, TiledWriter, open_scene, summary
-from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, load_safetensors, render, save_safetensors,
-                       standardize)
+from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, expect_kind, load_safetensors, render,
+                       save_safetensors, standardize)
 from terramind import TerraMind, TerraMindConfig
 
 IGNORE = -1   # label value of unlabelled pixels (Sen1Floods11, TerraMesh label folders)
@@ -164,8 +167,7 @@ class TiMSegmenter(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "TiMSegmenter":
         tensors, meta = load_safetensors(path, device)
-        if "config" not in meta or "encoder" not in meta["config"]:
-            raise ValueError(f"{path}: not a tim_finetune.py checkpoint (no TiM config in the metadata)")
+        expect_kind(path, meta, "TiM model")
         model = cls(TiMConfig(**meta["config"])).to(device)
         want = model.state_dict()
         if set(want) != set(tensors):
@@ -298,6 +300,8 @@ def save_state(path, model, opt, sched, meta: dict, rngs: dict):
 def load_state(path, model, opt, sched, tim_rng, device) -> dict:
     """Restores what save_state wrote into the live objects -> its metadata; refuses another configuration."""
     tensors, meta = load_safetensors(path, device)
+    expect_kind(path, meta, "TiM state")
+    tensors = {k: v.clone() for k, v in tensors.items()}   # off the file's memory map
     if meta.get("config") != json.loads(json.dumps(asdict(model.config))):
         raise ValueError(f"{path}: written for another configuration; resume with the same flags")
     want = model.state_dict()
@@ -545,8 +549,9 @@ def run_predict(args):
     base = next((m for m in paths if m in OPTICAL), next(iter(paths)))
     image = Raster(paths[base]).read(0, mask.height, 0, mask.width).astype(np.float32)
     classes = mask.read(0, mask.height, 0, mask.width)[0]
-    save_png(out.with_suffix(".png"), overlay(render(base, image), classes, model.config.num_classes))
-    print(f"overlay -> {out.with_suffix('.png')}")
+    png = out.with_suffix(".png") if out.suffix != ".png" else out.with_name(f"{out.stem}_overlay.png")
+    save_png(png, overlay(render(base, image), classes, model.config.num_classes))
+    print(f"overlay -> {png}")
 
 
 def label(modalities, tim) -> str:
@@ -582,32 +587,36 @@ def main(argv=None):
     t.add_argument("--classes", default=None, help="terramesh: class names, comma-separated (default 0..max)")
     t.add_argument("--modalities", default="S2L1C,S1GRD", help="raw inputs (official TiM example: S2L1C,S1GRD)")
     t.add_argument("--tim", default="LULC", help="generated modalities in chain order, e.g. LULC or LULC,NDVI; none")
-    t.add_argument("--tim-steps", type=int, default=1, help="decoding steps per TiM modality (official 1)")
+    t.add_argument("--tim-steps", type=positive_int, default=1, help="decoding steps per TiM modality (official 1)")
     t.add_argument("--tim-scheme", default="roar", choices=["roar", "maskgit"], help="decoding scheme (official roar)")
-    t.add_argument("--temperature", type=float, default=1.0, help="TiM sampling temperature, 0 = argmax (official 1)")
-    t.add_argument("--top-p", type=float, default=0.8, help="TiM nucleus filter, 0 = off (official 0.8)")
+    t.add_argument("--temperature", type=nonnegative_float, default=1.0,
+                   help="TiM sampling temperature, 0 = argmax (official 1)")
+    t.add_argument("--top-p", type=fraction, default=0.8, help="TiM nucleus filter, 0 = off (official 0.8)")
     t.add_argument("--cache", action="store_true", help="reuse generated TiM tokens per sample and crop (argmax only)")
     t.add_argument("--merge", default="mean", choices=["mean", "concat"], help="merge of modalities per patch")
     t.add_argument("--freeze-encoder", action="store_true", help="train the head only (default: full fine-tuning)")
-    t.add_argument("--channels", type=int, default=512, help="UPerNet channels (PANGAEA 512)")
-    t.add_argument("--crop", type=int, default=None, help="training crop = inference window (default: model tile)")
-    t.add_argument("--epochs", type=int, default=100, help="epochs (official example 100)")
-    t.add_argument("--batch-size", type=int, default=8, help="batch size (official example 8)")
-    t.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (official TiM example 2e-5)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch default)")
-    t.add_argument("--workers", type=int, default=None, help="data loader processes (default: 4 on GPU, 0 on CPU)")
+    t.add_argument("--channels", type=positive_int, default=512, help="UPerNet channels (PANGAEA 512)")
+    t.add_argument("--crop", type=multiple_of(PATCH), default=None,
+                   help="training crop = inference window (default: model tile)")
+    t.add_argument("--epochs", type=positive_int, default=100, help="epochs (official example 100)")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="batch size (official example 8)")
+    t.add_argument("--lr", type=positive_float, default=2e-5, help="AdamW learning rate (official TiM example 2e-5)")
+    t.add_argument("--weight-decay", type=nonnegative_float, default=0.01, help="AdamW weight decay (torch default)")
+    t.add_argument("--workers", type=nonnegative_int, default=None,
+                   help="data loader processes (default: 4 on GPU, 0 on CPU)")
     t.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast (default: bf16 on GPU)")
-    t.add_argument("--log-every", type=int, default=50, help="steps between log lines")
+    t.add_argument("--log-every", type=positive_int, default=50, help="steps between log lines")
     t.add_argument("--resume", nargs="?", const=True, help="continue from <out>/state.safetensors (or the file given)")
     t.add_argument("--out", required=True, help="output folder")
     q = sub.add_parser("predict", help="class mask (GeoTIFF) and PNG overlay of a tile of any size")
     q.add_argument("--ckpt", required=True, help="model.safetensors written by train")
     q.add_argument("--input", action="append", required=True, help="MODALITY=path.tif, one per model input")
     q.add_argument("--out", required=True, help="output mask .tif (the overlay goes beside it as .png)")
-    q.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    q.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     q.add_argument("--resume", action="store_true", help="continue a killed predict into the same --out")
     for s in (t, q):
-        s.add_argument("--seed", type=int, default=0, help="seed of the init, data order, crops and TiM sampling")
+        s.add_argument("--seed", type=nonnegative_int, default=0,
+                       help="seed of the init, data order, crops and TiM sampling")
         s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     q = sub.add_parser("table", help="results.json files -> paper Table 8 layout")
     q.add_argument("results", nargs="+", help="results.json files")
@@ -623,4 +632,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
