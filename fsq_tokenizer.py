@@ -22,12 +22,12 @@ match. `TokenShards(folder).get("S2L2A", "00042") -> LongTensor (h, w)` reads th
     python fsq_tokenizer.py train --modality S2L2A S1GRD DEM NDVI LULC --data data/synth --size smoke --out ckpt/
     python fsq_tokenizer.py tokenize --data data/synth --tokenizers ckpt/ --out tokens/
     python fsq_tokenizer.py reconstruct --modality S2L2A --data data/synth --tokenizers ckpt/ --out out/tok
-    # one GPU, official architecture and recipe (bf16 autocast, EMA)
-    python fsq_tokenizer.py train --modality DEM --data /data/terramesh --size official --batch-size 64 \\
-        --lr 1.4e-4 --ema 0.9999 --workers 8 --out ckpt/
-    # several GPUs (DDP); --batch-size is per GPU
+    # one GPU, official architecture and the paper's recipe (§8.1: 100 epochs, base lr 1e-4 x global batch / 256,
+    # fp16 autocast for the diffusion tokenizers, EMA 0.9999, random crops); --steps / --lr / --ema override
+    python fsq_tokenizer.py train --modality DEM --data /data/terramesh --size official --workers 8 --out ckpt/
+    # several GPUs (DDP); --batch-size is per GPU (32 x 8 GPUs = the paper's global batch 256)
     torchrun --standalone --nproc_per_node=8 fsq_tokenizer.py train --modality DEM --data /data/terramesh \\
-        --size official --batch-size 64 --lr 1.4e-4 --ema 0.9999 --workers 8 --out ckpt/
+        --size official --workers 8 --out ckpt/
 """
 from __future__ import annotations
 
@@ -367,18 +367,41 @@ class TokenShards:
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, tokenize, reconstruct
 
-# run settings per preset that flags override; the official recipe (tokenizer_register.py docstrings)
-# is lr 1.4e-4 at batch 2048
-# (higher rates saturate the sigmoid of FSQ on the synthetic world: the codebook collapses to ~2^5 codes)
-TRAIN_DEFAULTS = {"official": dict(steps=200_000, batch_size=32, lr=1.4e-4),
-                  "tiny": dict(steps=2000, batch_size=32, lr=5e-4),
-                  "smoke": dict(steps=400, batch_size=32, lr=5e-4)}
+# run settings per preset that flags override. official: paper §8.1 (100 epochs, base lr 1e-4 at global batch
+# 256 scaled as 4M does, EMA, fp16 for the diffusion tokenizers, random crops) with the official code's EMA
+# decays (tokenizer_register.py docstrings: 0.9999, LULC 0.99) and its one-epoch warmup; 32 per GPU x 8 GPUs
+# is the paper's 256. tiny/smoke (ours): steps and an absolute lr (higher rates saturate the sigmoid of FSQ on
+# the synthetic world: the codebook collapses to ~2^5 codes)
+TRAIN_DEFAULTS = {"official": dict(epochs=100, batch_size=32, blr=1e-4, ema=0.9999),
+                  "tiny": dict(steps=2000, batch_size=32, lr=5e-4, ema=0.0),
+                  "smoke": dict(steps=400, batch_size=32, lr=5e-4, ema=0.0)}
 
 
-def lr_at(step: int, steps: int, lr: float, warmup_lr: float = 1e-6) -> float:
-    """Linear warmup over 5% of the steps from warmup_lr, then cosine to 0 (official: warmup_lr 1e-6,
-    min_lr 0; DEVIATION: the official warmup is one epoch)."""
-    warmup = max(1, steps // 20)
+def train_recipe(args, m: str, world: int, n: int, batch: int, cuda: bool) -> argparse.Namespace:
+    """steps, peak lr, warmup steps, EMA decay and autocast dtype of one tokenizer's training, from the flags,
+    else the preset: --epochs over the n samples (the official preset) or --steps; --lr as given or --blr x
+    global batch / 256 (4M); warmup one epoch when training by epochs, else 5% of the steps."""
+    preset = TRAIN_DEFAULTS[args.size]
+    per_epoch = max(1, n // (batch * world))
+    epochs = args.epochs or (None if args.steps else preset.get("epochs"))
+    steps = epochs * per_epoch if epochs else args.steps or preset["steps"]
+    blr = args.blr or (None if args.lr else preset.get("blr"))
+    lr = blr * batch * world / 256 if blr else args.lr or preset["lr"]
+    official_ema = 0.99 if m == "LULC" else preset["ema"]            # official: LULC's EMA decay is 0.99
+    ema = args.ema if args.ema is not None else official_ema if preset["ema"] else 0.0
+    diffusion = terramesh.MODALITIES[m].decoder == "diffusion"
+    dtype = args.dtype or ("fp32" if not cuda else "fp16" if args.size == "official" and diffusion else "bf16")
+    warmup = per_epoch if epochs else max(1, steps // 20)
+    length = f"{epochs} epochs x {per_epoch} steps = {steps} steps" if epochs else f"{steps} steps"
+    rate = f"base lr {blr:.1e} x {batch * world} / 256 = lr {lr:.2e}" if blr else f"lr {lr:.1e}"
+    text = f"{length} of {batch} x {world}; {rate}, warmup {warmup} steps, EMA {ema or 'off'}, {dtype}"
+    return argparse.Namespace(steps=steps, lr=lr, ema=ema, dtype=dtype, warmup=warmup, text=text)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup_lr: float = 1e-6, warmup: int | None = None) -> float:
+    """Linear warmup from warmup_lr over `warmup` steps (default 5% of the steps; the official preset: one
+    epoch, as the official code), then cosine to 0 (official: warmup_lr 1e-6, min_lr 0)."""
+    warmup = warmup or max(1, steps // 20)
     if step < warmup:
         return warmup_lr + (lr - warmup_lr) * step / warmup
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
@@ -402,10 +425,12 @@ def train(args, m: str):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
     world = torch.distributed.get_world_size() if ddp else 1
-    steps, batch, lr = (getattr(args, k) or v for k, v in TRAIN_DEFAULTS[args.size].items())
+    batch = args.batch_size or TRAIN_DEFAULTS[args.size]["batch_size"]
     torch.manual_seed(args.seed + rank)
     cfg = TokenizerConfig.preset(args.size, m)
     ds = dataset(args.data, m, "train", size=None)
+    plan = train_recipe(args, m, world, len(ds), batch, "cuda" in device)
+    steps, lr = plan.steps, plan.lr
     if len(ds) < batch * world:
         raise ValueError(f"{args.data}: {len(ds)} {m} training samples, fewer than one batch of {batch * world}")
     sampler = (torch.utils.data.DistributedSampler(ds, seed=args.seed) if ddp else
@@ -416,7 +441,7 @@ def train(args, m: str):
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.05},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]   # biases, norms
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)                # official recipe
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if args.ema else None
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if plan.ema else None
     state_path, step = Path(args.out) / f"tokenizer_{m}.state.safetensors", 0
     if args.resume and state_path.exists():
         tensors, meta = load_safetensors(state_path, device)
@@ -430,12 +455,11 @@ def train(args, m: str):
         if rank == 0:
             print(f"resumed {state_path} at step {step}")
     net = nn.parallel.DistributedDataParallel(model, None if device == "cpu" else [device]) if ddp else model
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if "cuda" in device else "fp32")]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype]
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     if rank == 0:
         print(f"{m} tokenizer, preset {args.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters, {len(ds)} samples, {steps} steps of {batch} x {world}, lr {lr:.1e}, {device}")
+              f"parameters, {len(ds)} samples, {device}\n  recipe: {plan.text}")
 
     def save():
         opt_state = opt.state_dict()["state"]
@@ -447,7 +471,7 @@ def train(args, m: str):
         save_safetensors(state_path, tensors, {"step": step, "opt": list(opt_state), "config": asdict(cfg)})
         export = ImageTokenizer(cfg)                               # written after the state: resume is safe
         export.load_state_dict(ema if ema is not None else model.state_dict())
-        export.save_checkpoint(tokenizer_path(args.out, m), step=step, ema=args.ema)
+        export.save_checkpoint(tokenizer_path(args.out, m), step=step, ema=plan.ema)
 
     epoch, t_log, losses = step * batch * world // len(ds), time.time(), []
     log_every = max(1, min(100, steps // 20))
@@ -459,7 +483,7 @@ def train(args, m: str):
             flip = torch.rand(x.shape[0], device=device) < 0.5                       # official: hflip 0.5
             x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
             for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, lr)
+                group["lr"] = lr_at(step, steps, lr, warmup=plan.warmup)
             with torch.autocast(device.split(":")[0], dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = net(x)
             opt.zero_grad(set_to_none=True)
@@ -471,12 +495,13 @@ def train(args, m: str):
             if ema is not None:
                 with torch.no_grad():
                     for k, v in model.state_dict().items():
-                        ema[k].lerp_(v, 1 - args.ema) if v.is_floating_point() else ema[k].copy_(v)
+                        ema[k].lerp_(v, 1 - plan.ema) if v.is_floating_point() else ema[k].copy_(v)
             step += 1
             losses.append(loss.item())
             if rank == 0 and (step % log_every == 0 or step == steps):
                 dt = (time.time() - t_log) / len(losses)
-                print(f"step {step}/{steps} | loss {np.mean(losses):.4f} | lr {lr_at(step - 1, steps, lr):.1e} | "
+                print(f"step {step}/{steps} | loss {np.mean(losses):.4f} | "
+                      f"lr {lr_at(step - 1, steps, lr, warmup=plan.warmup):.1e} | "
                       f"{dt * 1e3:.0f} ms | {batch * world / dt:.1f} img/s", flush=True)
                 t_log, losses = time.time(), []
             if rank == 0 and (step % args.save_every == 0 or step == steps):
@@ -568,10 +593,17 @@ def main():
     p = sub.add_parser("train", parents=[common], help="train tokenizers, one modality after the other")
     p.add_argument("--modality", nargs="+", required=True, choices=terramesh.TOKENIZED_IMAGES, help="modalities")
     p.add_argument("--size", default="tiny", choices=list(PRESETS), help="architecture preset")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per preset)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per preset)")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the exported weights (official 0.9999)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast (GPU default bf16)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs over the modality's training samples "
+                   "(default: official 100, paper §8.1; the small presets count --steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs (default: tiny "
+                   "2000, smoke 400)")
+    p.add_argument("--blr", type=float, default=None, help="base learning rate, lr = blr x global batch / 256 "
+                   "(default: official 1e-4, paper §8.1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate itself (default: tiny/smoke 5e-4)")
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the exported weights, 0 = off (default: "
+                   "official 0.9999, LULC 0.99 as the official code; tiny/smoke off)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast (default on GPU: "
+                   "official fp16 for the diffusion tokenizers as paper §8.1, bf16 for LULC and the small presets)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer_<MOD>.state.safetensors")

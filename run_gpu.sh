@@ -19,12 +19,14 @@ SIZE=${SIZE:-base}                            # TerraMind preset: tiny, small, b
 DATA=${DATA:-}                                # TerraMesh-layout folder; empty: synthesize one
 N=${N:-20000}                                 # synthetic tiles when DATA is empty
 TILE=${TILE:-224}                             # synthetic tile side in px
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-20000}     # per tokenizer (official recipe: 200k at batch 2048)
-TOKENIZER_SIZE=${TOKENIZER_SIZE:-official}    # fsq_tokenizer.py preset: official, tiny, smoke
-TOKENIZER_BATCH=${TOKENIZER_BATCH:-64}        # per GPU
+TOKENIZER_SIZE=${TOKENIZER_SIZE:-official}    # fsq_tokenizer.py preset: official (paper §8.1 recipe), tiny, smoke
+TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-}        # per tokenizer; empty: the preset's (official: the paper's 100)
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-}          # optimizer steps instead of epochs (short runs)
+TOKENIZER_BATCH=${TOKENIZER_BATCH:-32}        # per GPU (32 x 8 GPUs = the paper's global batch 256)
+TEXT_TOKENIZER=${TEXT_TOKENIZER:-official}    # official: the v1 WordPiece vocabulary (paper §4.1); train: fit one
 TOKEN_BUDGET=${TOKEN_BUDGET:-2e9}             # pretraining tokens (paper: 500e9)
 BATCH=${BATCH:-64}                            # pretraining micro-batch per GPU
-TOTAL_BATCH=${TOTAL_BATCH:-4096}              # pretraining samples per optimizer step (4M: 4096)
+TOTAL_BATCH=${TOTAL_BATCH:-}                  # pretraining global batch; empty: the size's (4096; smoke 32)
 WORKERS=${WORKERS:-8}                         # DataLoader workers per process
 EPOCHS=${EPOCHS:-80}                          # PANGAEA head epochs (official 80); TiM uses EPOCHS / 2
 EVAL_N=${EVAL_N:-500}
@@ -45,10 +47,12 @@ fi
 $PY terramesh.py stats --root "$DATA" --limit 500
 took data
 
-stage "2/8 image tokenizers, $TOKENIZER_SIZE architecture (bf16, EMA), $NGPU GPUs"
+stage "2/8 image tokenizers, $TOKENIZER_SIZE preset and recipe, $NGPU GPUs"
+LENGTH=(); [ -n "$TOKENIZER_EPOCHS" ] && LENGTH=(--epochs "$TOKENIZER_EPOCHS")
+[ -n "$TOKENIZER_STEPS" ] && LENGTH=(--steps "$TOKENIZER_STEPS")
 for m in S2L2A S1GRD S1RTC DEM LULC NDVI; do
-    $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size "$TOKENIZER_SIZE" \
-        --steps "$TOKENIZER_STEPS" --batch-size "$TOKENIZER_BATCH" --lr 1.4e-4 --ema 0.9999 --workers "$WORKERS" --out "$TOK"
+    $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size "$TOKENIZER_SIZE" "${LENGTH[@]}" \
+        --batch-size "$TOKENIZER_BATCH" --workers "$WORKERS" --out "$TOK"
 done
 for m in S2L2A S1GRD DEM NDVI LULC; do
     $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
@@ -56,8 +60,13 @@ for m in S2L2A S1GRD DEM NDVI LULC; do
 done
 took tokenizers
 
-stage "3/8 text tokenizer"
-$PY text_tokenizer.py train --corpus "$DATA/caption" --vocab-size 30000 --out "$OUT/wordpiece.json"
+stage "3/8 text tokenizer: $TEXT_TOKENIZER"
+if [ "$TEXT_TOKENIZER" = train ]; then   # ours: a vocabulary fitted to the captions, official ids kept
+    TEXT=$OUT/wordpiece.json
+    $PY text_tokenizer.py train --corpus "$DATA/caption" --vocab-size 30000 --out "$TEXT"
+else                                     # paper §4.1: BERT's WordPiece vocabulary, modified (the v1 file)
+    TEXT=assets/official/terramind_v1_wordpiece_30k.json
+fi
 took text
 
 stage "4/8 token shards"
@@ -65,8 +74,9 @@ $PY fsq_tokenizer.py tokenize --data "$DATA" --tokenizers "$TOK" --batch-size 25
 took tokenize
 
 stage "5/8 pretraining TerraMind-$SIZE, $TOKEN_BUDGET tokens, $NGPU GPUs (bf16, fused AdamW, compiled)"
-$TORCHRUN pretrain.py --size "$SIZE" --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$OUT/wordpiece.json" \
-    --token-budget "$TOKEN_BUDGET" --batch-size "$BATCH" --total-batch-size "$TOTAL_BATCH" --workers "$WORKERS" --compile \
+GLOBAL=(); [ -n "$TOTAL_BATCH" ] && GLOBAL=(--total-batch-size "$TOTAL_BATCH")
+$TORCHRUN pretrain.py --size "$SIZE" --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$TEXT" \
+    --token-budget "$TOKEN_BUDGET" --batch-size "$BATCH" "${GLOBAL[@]}" --workers "$WORKERS" --compile \
     --out "$OUT/pretrain"
 took pretrain
 
@@ -106,7 +116,7 @@ stage "8/8 PANGAEA protocol on the water task, and few-shot"
 [ -n "$S1" ] && $PY eval_pangaea.py seg "${SEG[@]}" --model "$MODEL" --epochs "$EPOCHS" --device cuda \
     --out "$OUT/pangaea/water"
 $PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
-$PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L2A --ways 5 --shots 1 --model "$MODEL" \
+$PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways 5 --shots 1 --model "$MODEL" \
     --device cuda --out "$OUT/pangaea/fewshot"
 took pangaea
 

@@ -232,3 +232,25 @@ def test_from_official_loads_a_full_size_state_dict(tmp_path):
     assert torch.equal(model.encode(x), source.encode(x)) and model.encode(x).shape == (1, 14, 14)
     with pytest.raises(ValueError, match="does not fit the DEM tokenizer"):
         ImageTokenizer.from_official(tmp_path / "TerraMind_Tokenizer_LULC.pt", "DEM")
+
+
+def test_official_preset_follows_the_papers_tokenizer_recipe():
+    """paper §8.1: 100 epochs, base lr 1e-4 at global batch 256 (scaled by global batch / 256 as 4M), fp16 for the
+    diffusion tokenizers, EMA; the official code: EMA 0.9999 (LULC 0.99, bf16), a one-epoch warmup."""
+    import argparse
+
+    from fsq_tokenizer import lr_at, train_recipe
+
+    def flags(**given):
+        return argparse.Namespace(**({k: None for k in ("epochs", "steps", "blr", "lr", "ema", "dtype")} |
+                                     {"size": "official"} | given))
+    r = train_recipe(flags(), "S2L2A", 8, 25_600, 32, cuda=True)            # 8 GPUs x 32 = 256, 100 steps an epoch
+    assert (r.steps, r.warmup, r.lr, r.ema, r.dtype) == (100 * 100, 100, pytest.approx(1e-4), 0.9999, "fp16")
+    assert "100 epochs x 100 steps" in r.text and "base lr 1.0e-04 x 256 / 256" in r.text
+    r = train_recipe(flags(), "LULC", 4, 25_600, 32, cuda=True)             # global batch 128: half the rate
+    assert (r.steps, r.lr, r.ema, r.dtype) == (100 * 200, pytest.approx(5e-5), 0.99, "bf16")
+    r = train_recipe(flags(steps=50, lr=1e-3, ema=0.0, dtype="bf16"), "DEM", 8, 25_600, 32, cuda=True)
+    assert (r.steps, r.lr, r.ema, r.dtype, r.warmup) == (50, 1e-3, 0.0, "bf16", 2)
+    r = train_recipe(flags(size="smoke"), "DEM", 1, 300, 16, cuda=False)
+    assert (r.steps, r.lr, r.ema, r.dtype) == (400, 5e-4, 0.0, "fp32")
+    assert lr_at(0, 1000, 1e-4, warmup=100) == pytest.approx(1e-6) and lr_at(100, 1000, 1e-4, warmup=100) == 1e-4
