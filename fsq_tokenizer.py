@@ -48,9 +48,14 @@ from torch import nn
 from tqdm import tqdm
 
 import terramesh
+from cli import (TrainingDiverged, decay, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                 run_main)
 from diffusion_decoder import DiffusionDecoder
 from metrics import codebook_usage, physical, reconstruction_metrics
-from terramesh import TerraMeshDataset, load_safetensors, save_safetensors
+from terramesh import TerraMeshDataset, expect_kind, load_safetensors, save_safetensors
+
+DECODE_STEPS = 10            # DDIM steps of the diffusion decoders: the official notebooks and HF cards use 10
+OFFICIAL_DECODE_STEPS = 50   # official: DiVAE.decode_quant and TerraMindGeneration default timesteps=50
 
 # -----------------------------------------------------------------------------------------------------------
 # Finite scalar quantization
@@ -261,7 +266,7 @@ class ImageTokenizer(nn.Module):
         return self.encode_codes(x)[1]
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, steps: int = 10, generator=None, noise=None, clip=1.0):
+    def decode(self, tokens: torch.Tensor, steps: int = DECODE_STEPS, generator=None, noise=None, clip=1.0):
         """tokens (B, h, w) -> (B, C, 16 h, 16 w) standardized (LULC: class logits (B, 10, 16 h, 16 w)).
         Diffusion: `steps` DDIM steps from `noise` or torch.randn(generator=generator), every predicted x0
         clipped to [-clip, clip] (official 1.0; None: unbounded). LULC ignores these arguments."""
@@ -286,8 +291,7 @@ class ImageTokenizer(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "ImageTokenizer":
         tensors, meta = load_safetensors(path)
-        if meta.get("kind") != "tokenizer" or "config" not in meta:
-            raise ValueError(f"{path}: not a tokenizer checkpoint (kind {meta.get('kind')!r})")
+        expect_kind(path, meta, "image tokenizer")
         model = cls(TokenizerConfig(**{k: tuple(v) if isinstance(v, list) else v
                                        for k, v in meta["config"].items()}))
         load_state_strict(model, tensors, path)
@@ -408,11 +412,38 @@ def lr_at(step: int, steps: int, lr: float, warmup_lr: float = 1e-6, warmup: int
 
 
 def dataset(root, m: str, split: str | None, **kw) -> TerraMeshDataset:
-    """The samples of `split` (all when the folder has no splits/) that have modality m."""
-    split = split if split and (Path(root) / "splits" / f"{split}.txt").exists() else None
+    """The samples of `split` (all when the folder has no such split) that have modality m."""
+    split = split if terramesh.has_split(root, split) else None
     ds = TerraMeshDataset(root, [m], split=split, **kw)
     ds.ids = [sid for k, sid in enumerate(ds.ids) if m in ds.available(k)]
     return ds
+
+
+def crop_sizes(image_size: int) -> list[int]:
+    """Training crop sides: multiples of 16 from 7/8 of the preset's image size up to it (paper §8.1: random
+    crops of 224-256 px for the official 256)."""
+    low = -(-image_size * 7 // 8 // terramesh.PATCH) * terramesh.PATCH
+    return list(range(low, image_size + 1, terramesh.PATCH))
+
+
+def random_crop(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """(B, C, H, W) or (B, H, W) -> one random side of `sizes` (that fits) for the batch, a random window per
+    tile (torch's global generator). Tiles that are already one allowed side pass unchanged."""
+    H, W = x.shape[-2:]
+    fits = [s for s in sizes if s <= min(H, W)]
+    if not fits or (H == W and fits == [H]):
+        return x
+    s = fits[int(torch.randint(len(fits), ()))]
+    tops = torch.randint(H - s + 1, (len(x),)).tolist()
+    lefts = torch.randint(W - s + 1, (len(x),)).tolist()
+    return torch.stack([t[..., a:a + s, b:b + s] for t, a, b in zip(x, tops, lefts)])
+
+
+def token_window(x: torch.Tensor) -> torch.Tensor:
+    """The centred window of whole patches that a tile's token grid covers (terramesh.token_window: 264 px
+    TerraMesh tiles -> 256 px, 4 px in): tokenize encodes it, pretraining crops its windows inside it."""
+    (top, h), (left, w) = terramesh.token_window(x.shape[-2]), terramesh.token_window(x.shape[-1])
+    return x[..., top:top + h, left:left + w]
 
 
 def train(args, m: str):
@@ -431,6 +462,7 @@ def train(args, m: str):
     ds = dataset(args.data, m, "train", size=None)
     plan = train_recipe(args, m, world, len(ds), batch, "cuda" in device)
     steps, lr = plan.steps, plan.lr
+    sizes = crop_sizes(cfg.image_size)
     if len(ds) < batch * world:
         raise ValueError(f"{args.data}: {len(ds)} {m} training samples, fewer than one batch of {batch * world}")
     sampler = (torch.utils.data.DistributedSampler(ds, seed=args.seed) if ddp else
@@ -445,6 +477,8 @@ def train(args, m: str):
     state_path, step = Path(args.out) / f"tokenizer_{m}.state.safetensors", 0
     if args.resume and state_path.exists():
         tensors, meta = load_safetensors(state_path, device)
+        expect_kind(state_path, meta, "tokenizer state")
+        tensors = {k: v.clone() for k, v in tensors.items()}   # off the file's memory map
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or ema
         state = opt.state_dict()
@@ -479,7 +513,7 @@ def train(args, m: str):
         if ddp:
             sampler.set_epoch(epoch)
         for sample in loader:
-            x = sample[m].to(device, non_blocking=True)
+            x = random_crop(sample[m], sizes).to(device, non_blocking=True)              # paper §8.1
             flip = torch.rand(x.shape[0], device=device) < 0.5                       # official: hflip 0.5
             x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
             for group in opt.param_groups:
@@ -535,7 +569,7 @@ def tokenize(args):
             if header.get("ids") == ids and header.get("tokenizer") == fp:
                 done += 1
                 continue
-            tokens = torch.cat([tok.encode(x.to(args.device)).cpu()
+            tokens = torch.cat([tok.encode(token_window(x).to(args.device)).cpu()
                                 for x in batches(ds, m, args.batch_size, range(s, s + len(ids)))])
             save_safetensors(path, {"tokens": tokens.to(torch.int16)},
                              {"ids": ids, "modality": m, "vocab_size": tok.vocab_size, "tokenizer": fp})
@@ -543,42 +577,71 @@ def tokenize(args):
         print(f"{m}: {len(ds)} samples -> {Path(args.out) / m} ({written} shards written, {done} already done)")
 
 
+def decode_timed(tok, tokens, noise, steps: int, clip, batch_size: int, device) -> tuple[torch.Tensor, float]:
+    """Decodes `tokens` (B, h, w) from the start `noise` in batches -> (reconstructions, seconds per image)."""
+    t0 = time.perf_counter()
+    parts = [tok.decode(t.to(device), steps, noise=z.to(device), clip=clip).cpu()   # .cpu() waits for the GPU
+             for t, z in zip(tokens.split(batch_size), noise.split(batch_size))]
+    return torch.cat(parts), (time.perf_counter() - t0) / len(tokens)
+
+
+def mean_image(args, m: str, like: torch.Tensor) -> torch.Tensor:
+    """The "predict the mean image" baseline: per-band mean of the training split (LULC: its majority class)."""
+    train_ds = dataset(args.data, m, "train", size=None)
+    train_x = torch.cat(list(batches(train_ds, m, 256, range(min(512, len(train_ds))))))
+    if m == "LULC":
+        majority = train_x.flatten().bincount(minlength=10).argmax()
+        return F.one_hot(majority, 10).double().view(1, 10, 1, 1).expand(like.shape)
+    return train_x.double().mean((0, 2, 3)).view(1, -1, 1, 1).expand(like.shape)
+
+
 @torch.no_grad()
 def reconstruct(args):
+    """Tokenize and decode samples at every --steps count and --clip bound: quality against steps and time per
+    image (the DDIM sweep), next to the mean-image baseline; metrics JSON and picture sheets."""
     m, out = args.modality, Path(args.out)
     tok = load_tokenizers(args.tokenizers, [m], args.device)[m]
     ds = dataset(args.data, m, args.split, size=None)
     x = torch.cat(list(batches(ds, m, args.batch_size, range(min(args.n, len(ds))))))   # (B, C, H, W) / (B, H, W)
     tokens = torch.cat([tok.encode(b.to(args.device)).cpu() for b in x.split(args.batch_size)])
     noise = torch.randn(len(x), tok.channels, *x.shape[-2:], generator=torch.Generator().manual_seed(args.seed))
-    recons = {}                                                      # the same start noise for every bound
-    for clip in ([1.0] if m == "LULC" else args.clip):
-        name = "ViT decoder" if m == "LULC" else f"clip {clip:g}" if clip else "unbounded"
-        recons[name] = torch.cat([tok.decode(t.to(args.device), args.steps, noise=z.to(args.device),
-                                             clip=clip or None).cpu()
-                                  for t, z in zip(tokens.split(args.batch_size), noise.split(args.batch_size))])
-    # "predict the mean image": per-band mean of the training split (LULC: its most frequent class)
-    train_ds = dataset(args.data, m, "train", size=None)
-    train_x = torch.cat(list(batches(train_ds, m, 256, range(min(512, len(train_ds))))))
-    mean = (F.one_hot(train_x.flatten().bincount(minlength=10).argmax(), 10).double().view(1, 10, 1, 1)
-            if m == "LULC" else train_x.double().mean((0, 2, 3)).view(1, -1, 1, 1))
-    recons["mean image"] = mean.expand(recons[name].shape)
+    runs = [(None, None)] if m == "LULC" else [(s, c) for s in args.steps for c in args.clip]   # LULC: ViT decoder
+    recons, seconds = {}, {}
+    for steps, clip in runs:                                          # the same start noise for every run
+        name = "ViT decoder" if m == "LULC" else f"{steps} steps, " + (f"clip {clip:g}" if clip else "unbounded")
+        recons[name], seconds[name] = decode_timed(tok, tokens, noise, steps, clip or None, args.batch_size,
+                                                   args.device)
     data_range = None if m == "LULC" else physical(m, x).amax((0, 2, 3)) - physical(m, x).amin((0, 2, 3))
     rows = {name: reconstruction_metrics(m, x, r, data_range) for name, r in recons.items()}
+    rows["mean image"] = reconstruction_metrics(m, x, mean_image(args, m, recons[name]), data_range)
     usage = codebook_usage(tokens, tok.vocab_size)
-    units = {"S2L2A": "reflectance", "S1GRD": "dB", "S1RTC": "dB", "DEM": "m", "NDVI": "NDVI"}.get(m, "classes")
-    print(f"{m} ({units}), {len(x)} samples of {args.data} ({args.split}), {args.steps} DDIM steps; codebook "
-          f"used {usage['used'] * 100:.2f}% of {tok.vocab_size}, perplexity {usage['perplexity']:.1f}")
-    for name, row in rows.items():
-        print(f"  {name:12s} " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    report_reconstruction(args, m, len(x), usage, rows, seconds)
+    sweep = [{"steps": s, "clip": c, "metrics": rows[n], "seconds_per_image": seconds[n]}
+             for (s, c), n in zip(runs, recons)]
+    first = {n.split(", ")[-1]: rows[n] for (s, _), n in zip(runs, recons) if s == runs[0][0]}  # "clip 1", ...
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"metrics_{m}.json").write_text(json.dumps({"modality": m, "n": len(x), "steps": args.steps,
-                                                        "codebook": usage, "metrics": rows}, indent=1))
+    terramesh.write_text(out / f"metrics_{m}.json", json.dumps(
+        {"modality": m, "n": len(x), "steps": runs[0][0], "codebook": usage,
+         "metrics": {**first, "mean image": rows["mean image"]}, "sweep": sweep}, indent=1))
     for k in range(min(args.pictures, len(x))):
-        panels = [(name, terramesh.render(m, r[k], standardized=True)) for name, r in recons.items()
-                  if name != "mean image"]
+        panels = [(name, terramesh.render(m, r[k], standardized=True)) for name, r in recons.items()]
         terramesh.save_sheet(out / f"{m}_{ds.ids[k]}.png", [("input", terramesh.render(m, x[k], True))] + panels)
     print(f"wrote {out}/metrics_{m}.json and {min(args.pictures, len(x))} pictures")
+
+
+def report_reconstruction(args, m: str, n: int, usage: dict, rows: dict, seconds: dict):
+    """Prints one table: a row per decoding (steps, bound), its metrics and time per image."""
+    units = {"S2L2A": "reflectance", "S1GRD": "dB", "S1RTC": "dB", "DEM": "m", "NDVI": "NDVI"}.get(m, "classes")
+    print(f"{m} ({units}), {n} samples of {args.data} ({args.split}); codebook used {usage['used'] * 100:.2f}%, "
+          f"perplexity {usage['perplexity']:.1f}")
+    if m != "LULC":
+        print(f"DDIM steps {' '.join(map(str, args.steps))} (default here {DECODE_STEPS}, as the official "
+              f"notebooks; the official DiVAE.decode_tokens default is {OFFICIAL_DECODE_STEPS}); time on {args.device}")
+    keys = list(next(iter(rows.values())))
+    print("| decoding | " + " | ".join(keys) + " | ms/image |")
+    for name, row in rows.items():
+        ms = f"{1e3 * seconds[name]:.1f}" if name in seconds else "-"
+        print(f"| {name} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + f" | {ms} |")
 
 
 def main():
@@ -588,37 +651,41 @@ def main():
     common.add_argument("--data", required=True, help="TerraMesh-layout folder")
     common.add_argument("--out", required=True, help="output folder")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    common.add_argument("--batch-size", type=int, default=None, help="images per batch (training: per GPU)")
-    common.add_argument("--seed", type=int, default=0, help="random seed")
+    common.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (training: per GPU)")
+    common.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p = sub.add_parser("train", parents=[common], help="train tokenizers, one modality after the other")
     p.add_argument("--modality", nargs="+", required=True, choices=terramesh.TOKENIZED_IMAGES, help="modalities")
     p.add_argument("--size", default="tiny", choices=list(PRESETS), help="architecture preset")
-    p.add_argument("--epochs", type=int, default=None, help="epochs over the modality's training samples "
+    p.add_argument("--epochs", type=positive_int, default=None, help="epochs over the modality's training samples "
                    "(default: official 100, paper §8.1; the small presets count --steps)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps instead of epochs (default: tiny "
+    p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps instead of epochs (default: tiny "
                    "2000, smoke 400)")
-    p.add_argument("--blr", type=float, default=None, help="base learning rate, lr = blr x global batch / 256 "
+    p.add_argument("--blr", type=positive_float, default=None, help="base learning rate, lr = blr x global batch / 256 "
                    "(default: official 1e-4, paper §8.1)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate itself (default: tiny/smoke 5e-4)")
-    p.add_argument("--ema", type=float, default=None, help="EMA decay of the exported weights, 0 = off (default: "
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate itself (default: tiny/smoke 5e-4)")
+    p.add_argument("--ema", type=decay, default=None, help="EMA decay of the exported weights, 0 = off (default: "
                    "official 0.9999, LULC 0.99 as the official code; tiny/smoke off)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="autocast (default on GPU: "
                    "official fp16 for the diffusion tokenizers as paper §8.1, bf16 for LULC and the small presets)")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint interval in steps")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="data loader worker processes")
+    p.add_argument("--save-every", type=positive_int, default=1000, help="checkpoint interval in steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer_<MOD>.state.safetensors")
     p = sub.add_parser("tokenize", parents=[common], help="pre-tokenize a dataset into int16 shards")
     p.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
     p.add_argument("--modalities", nargs="+", default=None, help="modalities to tokenize (default: all found)")
-    p.add_argument("--shard-size", type=int, default=1024, help="samples per shard file")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="samples per shard file")
     p = sub.add_parser("reconstruct", parents=[common], help="input | reconstruction pictures and metrics")
     p.add_argument("--modality", required=True, choices=terramesh.TOKENIZED_IMAGES, help="image modality")
     p.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
     p.add_argument("--split", default="test", help="split to evaluate (all samples when the folder has none)")
-    p.add_argument("--n", type=int, default=200, help="number of samples")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    p.add_argument("--clip", type=float, nargs="+", default=[1.0], help="x0 bounds to compare (0: unbounded)")
-    p.add_argument("--pictures", type=int, default=4, help="number of picture sheets")
+    p.add_argument("--n", type=positive_int, default=200, help="number of samples")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[DECODE_STEPS],
+                   help="DDIM steps; several: a sweep, "
+                   f"quality and time per image for each (ours {DECODE_STEPS}, official {OFFICIAL_DECODE_STEPS})")
+    p.add_argument("--clip", type=nonnegative_float, nargs="+", default=[1.0],
+                   help="x0 bounds to compare (0: unbounded)")
+    p.add_argument("--pictures", type=nonnegative_int, default=4, help="number of picture sheets")
     args = parser.parse_args()
     if args.command == "train":
         for m in args.modality:
@@ -631,4 +698,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

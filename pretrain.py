@@ -48,8 +48,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from cli import (TrainingDiverged, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                 run as run_main)
+from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
+                 positive_int, run_main)
 from fsq_tokenizer import TokenShards, read_header
 from masking import MIXTURES, SCALES, Masking, cross_scale_overlap, parse_mixture
 from pictures import plot_curves
@@ -687,7 +687,8 @@ def main():
     p.add_argument("--warmup", type=fraction, help="warmup fraction of the steps (default 0.02: 4M's 10B of 500B)")
     p.add_argument("--weight-decay", type=nonnegative_float, help="AdamW weight decay (default: 4M's 0.05)")
     p.add_argument("--clip-grad", type=nonnegative_float, help="gradient-norm clip, 0 = off (default 1.0)")
-    p.add_argument("--input-budget", type=positive_int, help="input tokens per sample (default: 256 at 224 px, 64 at 64 px)")
+    p.add_argument("--input-budget", type=positive_int,
+                   help="input tokens per sample (default: 256 at 224 px, 64 at 64 px)")
     p.add_argument("--target-budget", type=positive_int, help="target tokens per sample (default: the input budget)")
     p.add_argument("--alphas", help=f"Dirichlet mixture of masking.py: a name ({', '.join(MIXTURES)}; default mix) "
                    "or components 'INPUTS/TARGETS@WEIGHT;...' of ENTRY=ALPHA lists, e.g. 'S2L2A=1000/*=0.5@1;mix@4'")
@@ -695,15 +696,19 @@ def main():
                    "(default, 4M) or disjoint: no token target under a visible pixel patch of its modality")
     p.add_argument("--pixel-inputs", help="pixel entries the model embeds: all (default), none, or a list such as "
                    "S2L2A (TerraMind-B-single, paper §4.2: every other modality enters as tokens)")
-    p.add_argument("--tile", type=positive_int, help="tile side in px, a multiple of 16 (default: the data's, at most 224; "
-                                            "larger tiles are cropped, the same window for pixels and tokens)")
+    p.add_argument("--tile", type=multiple_of(PATCH),
+                   help="tile side in px, a multiple of 16 (default: the data's, at most 224; "
+                   "larger tiles are cropped, the same window for pixels and tokens)")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the init, sample order, crops and masks (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--workers", type=nonnegative_int, help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
+    p.add_argument("--workers", type=nonnegative_int,
+                   help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")
-    p.add_argument("--eval-every", type=positive_int, help="steps between validations (default: steps / 8, at most 1000)")
-    p.add_argument("--eval-samples", type=positive_int, default=512, help="validation samples (the first of splits/val.txt)")
+    p.add_argument("--eval-every", type=positive_int,
+                   help="steps between validations (default: steps / 8, at most 1000)")
+    p.add_argument("--eval-samples", type=positive_int, default=512,
+                   help="validation samples (the first of splits/val.txt)")
     p.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", nargs="?", const=True, help=f"continue from <out>/{STATE}, or from the state given")
     train(p.parse_args())

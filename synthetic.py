@@ -9,7 +9,11 @@ from that one scene. Samples are written in the TerraMesh layout that terramesh.
     python terramesh.py synth --out data/synth --n 2000 --size 64      # 2000 tiles of 64 px (CPU, seconds)
 
 `synth_sample(seed, i, size)` returns one sample as arrays laid out as in TerraMesh files; `synthesize(out, n, size)`
-writes n of them plus splits/{train,val,test}.txt.
+writes n of them plus splits/{train,val,test}.txt. `synthesize(..., layout="shards")` writes the same world as
+TerraMesh is published: `<out>/{train,val}/<MODALITY>/<subset>_shard_<NNNNNN>.tar` of `<id>.zarr.zip` samples
+(terramesh_shards.py), no captions, S1RTC only in the majortom shards and S1GRD only in the ssl4eos12 ones:
+
+    python terramesh.py synth --layout shards --out data/synth264 --n 400 --size 264
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from terramesh import (_TIFF_LAYOUT, BARE, BUILT, CLOUDS, CROPS, FLOODED, MODALITIES, NO_DATA, RANGE, SNOW, TREES,
-                       WATER, format_coords, write_text)
+from terramesh import (_TIFF_LAYOUT, BARE, BUILT, CLOUDS, CROPS, FLOODED, IMAGE_MODALITIES, MODALITIES, NO_DATA,
+                       RANGE, SNOW, TREES, WATER, format_coords, parse_coords, write_text)
+from terramesh_shards import write_shard, zarr_zip
 
 # -----------------------------------------------------------------------------------------------------------
 # The synthetic TerraMesh world: terrain -> water, snow, land cover -> spectra, backscatter, NDVI, captions
@@ -237,3 +242,70 @@ def _write_sample(job):
         else:
             tifffile.imwrite(Path(out) / m / f"{sid}.tif", x, **_TIFF_LAYOUT[x.ndim])
 
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The same world in the published layout: tar shards of zarr.zip samples
+
+# the dtypes of the published TerraMesh arrays (S1 in float16 dB; NDVI ours: the dataset card says float)
+PUBLISHED_DTYPES = {"S2L1C": "<i2", "S2L2A": "<i2", "S2RGB": "|u1", "S1GRD": "<f2", "S1RTC": "<f2", "DEM": "<i2",
+                    "LULC": "|u1", "NDVI": "<f4"}
+OPTICAL = ("S2L1C", "S2L2A", "S2RGB", "NDVI")                       # the modalities that carry a cloud_mask
+SUBSET_S1 = {"majortom": "S1RTC", "ssl4eos12": "S1GRD"}             # the one S-1 product of each subset
+SYNTH_TIME_NS = 1_561_000_000_000_000_000                           # 2019-06-20, the acquisition time we write
+
+
+def published(sample: dict) -> dict:
+    """A synth_sample's image modalities as the published arrays: (time=1, band, y, x) in PUBLISHED_DTYPES."""
+    out = {}
+    for m in IMAGE_MODALITIES:
+        x = sample[m][..., None] if sample[m].ndim == 2 else sample[m]                   # (H, W, C)
+        out[m] = np.moveaxis(x, -1, 0)[None].astype(PUBLISHED_DTYPES[m])              # (1, C, H, W)
+    return out
+
+
+def zarr_member(bands: np.ndarray, m: str, coords: str, clouds: np.ndarray) -> bytes:
+    """One modality of one sample as a `<key>.zarr.zip` member: bands, centre, time and, optical, cloud_mask."""
+    lon, lat = parse_coords(coords)
+    arrays = {"bands": bands, "center_lat": np.array(lat), "center_lon": np.array(lon),
+              "time": np.array(0 if m == "DEM" else SYNTH_TIME_NS, "<i8")}                # DEM has time 0
+    if m in OPTICAL:
+        arrays["cloud_mask"] = clouds[None].astype(np.uint8)                              # (time, y, x)
+    dims = {"bands": {"_ARRAY_DIMENSIONS": ["time", "band", "y", "x"]}}
+    return zarr_zip(arrays, dims)
+
+
+def _sample_members(job) -> dict:
+    seed, i, size, subset = job
+    sample = synth_sample(seed, i, size)
+    clouds = sample["LULC"] == CLOUDS
+    drop = [s1 for s, s1 in SUBSET_S1.items() if s != subset]
+    return {m: zarr_member(x, m, sample["coords"], clouds) for m, x in published(sample).items() if m not in drop}
+
+
+def synthesize_shards(out, n=400, size=264, seed=0, workers=None, shard_size=64):
+    """Writes the synthetic world in the published layout: the train ids (80%) under train/, the rest under
+    val/ (TerraMesh has no test split), `shard_size` samples per tar, the first half of each split's shards
+    majortom (S1RTC), the rest ssl4eos12 (S1GRD). Deterministic in (seed, sample index)."""
+    ids = np.random.default_rng(seed).permutation(n)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    number = 0
+    for split, part in zip(("train", "val"), np.split(ids, [int(0.8 * n)])):
+        shards = np.array_split(np.sort(part), max(1, -(-len(part) // shard_size)))
+        for k, members in enumerate(shards):
+            number += 1
+            subset = "majortom" if k < (len(shards) + 1) // 2 else "ssl4eos12"
+            _write_published_shard(Path(out) / split, f"{subset}_shard_{number:06d}.tar",
+                                   [(seed, int(i), size, subset) for i in members], workers)
+
+
+def _write_published_shard(folder: Path, name: str, jobs: list, workers: int):
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(workers) as pool:
+            samples = list(tqdm(pool.imap(_sample_members, jobs, chunksize=4), total=len(jobs), desc=name))
+    else:
+        samples = list(tqdm(map(_sample_members, jobs), total=len(jobs), desc=name))
+    for m in samples[0]:
+        members = {f"{i:05d}.zarr.zip": sample[m] for (_, i, _, _), sample in zip(jobs, samples)}
+        write_shard(folder / m / name, members)

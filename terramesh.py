@@ -41,6 +41,7 @@ import tifffile
 import torch
 from tqdm import tqdm
 
+from cli import multiple_of, nonnegative_int, positive_int, run_main
 from pictures import ramp, save_png, save_sheet  # noqa: F401  (re-exported: stages draw via terramesh)
 from terramesh_shards import SPLITS, Member, index_layout, is_shard_root, layout_modalities, read_sample
 
@@ -534,10 +535,11 @@ def checkpoint_kind(meta: dict) -> str:
 def expect_kind(path, meta: dict, *expected: str):
     """Refuses a checkpoint another stage wrote: the error names the kind given and the kind expected."""
     kind = checkpoint_kind(meta)
+    article = lambda k: "an" if k[0] in "aeiou" else "a"   # noqa: E731
     if kind not in expected:
-        given = f"a {kind} ({CHECKPOINT_KINDS[kind]})" if kind in CHECKPOINT_KINDS else \
+        given = f"{article(kind)} {kind} ({CHECKPOINT_KINDS[kind]})" if kind in CHECKPOINT_KINDS else \
             "not a checkpoint of this project"
-        want = " or ".join(f"a {k} ({CHECKPOINT_KINDS[k]})" for k in expected)
+        want = " or ".join(f"{article(k)} {k} ({CHECKPOINT_KINDS[k]})" for k in expected)
         raise ValueError(f"{path}: is {given}; expected {want}")
 
 
@@ -656,18 +658,18 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic TerraMesh-like world")
     p.add_argument("--out", default="data/synth", help="output folder (TerraMesh layout)")
-    p.add_argument("--n", type=int, default=2000, help="number of samples")
-    p.add_argument("--size", type=int, default=64, help="tile size in pixels (10 m each)")
-    p.add_argument("--seed", type=int, default=0, help="world seed; a sample depends only on (seed, index)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores, at most 8)")
+    p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
+    p.add_argument("--size", type=multiple_of(PATCH), default=64, help="tile size in pixels (10 m each)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="world seed; a sample depends only on (seed, index)")
+    p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores, at most 8)")
     p = sub.add_parser("stats", help="per-band mean/std of a dataset next to the official constants")
     p.add_argument("--root", required=True, help="TerraMesh-layout folder")
-    p.add_argument("--limit", type=int, default=None, help="read at most this many files per modality")
+    p.add_argument("--limit", type=positive_int, default=None, help="read at most this many files per modality")
     p = sub.add_parser("show", help="draw all modalities of one sample side by side (PNG)")
     p.add_argument("--root", required=True, help="TerraMesh-layout folder")
     p.add_argument("--id", required=True, help="sample id (file name without extension)")
     p.add_argument("--out", default="sample.png", help="output PNG")
-    p.add_argument("--max-size", type=int, default=None, help="subsample larger tiles to this many pixels")
+    p.add_argument("--max-size", type=positive_int, default=None, help="subsample larger tiles to this many pixels")
     args = parser.parse_args()
     if args.command == "synth":
         t0 = time.time()
@@ -688,4 +690,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,8 +32,10 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from tqdm import tqdm
 
 try:   # optional fast path: the C decoders of numcodecs, used when installed (never a project requirement)
     import numcodecs
@@ -359,3 +361,91 @@ def read_sample(shard, name: str, offset: int, size: int) -> dict:
     if "cloud_mask" in group:
         out["cloud_mask"] = group.read("cloud_mask")
     return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The published layout: <root>/{train,val}/<MODALITY>/*.tar
+
+SPLITS = ("train", "val")   # the published folders; TerraMesh has no test split
+
+
+class Member(NamedTuple):
+    """Where one sample of one modality lives: a tar member, read by seek."""
+    shard: Path
+    name: str
+    offset: int
+    size: int
+
+    def __str__(self):
+        return f"{self.shard}, member {self.name}"
+
+
+def is_shard_root(root) -> bool:
+    """True for a folder in the published layout: a train/ or val/ folder with `<MODALITY>/*.tar` inside."""
+    root = Path(root)
+    return any(next((root / split).glob("*/*.tar"), None) is not None for split in SPLITS)
+
+
+def layout_modalities(root, splits=SPLITS) -> list[str]:
+    """The modality folders of the published layout (those with at least one tar) under the given splits."""
+    folders = {p.parent.name for split in splits for p in (Path(root) / split).glob("*/*.tar")}
+    return sorted(folders)
+
+
+def index_layout(root, splits, modalities) -> tuple[list[str], dict[str, dict[str, Member]]]:
+    """The sample keys of `splits` (in split, shard and tar order; keys of a modality's shards first seen
+    there) and {modality: {key: Member}} for each modality folder. Tars are indexed by `tar_index`."""
+    shards = [p for split in splits for m in modalities for p in sorted((Path(root) / split / m).glob("*.tar"))]
+    files: dict[str, dict[str, Member]] = {m: {} for m in modalities}
+    order: dict[tuple, dict[str, None]] = {}                # (split, shard name) -> keys in tar order
+    for shard in tqdm(shards, desc="index shards", disable=len(shards) < 16, leave=False):
+        index = tar_index(shard)
+        found = files[shard.parent.name]
+        keys = order.setdefault((shard.parent.parent.name, shard.name), {})
+        for name, offset, size in zip(index["names"], index["offsets"], index["sizes"]):
+            if name.endswith(".zarr.zip"):
+                key = name[:-len(".zarr.zip")]
+                found[key] = Member(shard, name, offset, size)
+                keys[key] = None
+    ids = [key for split in splits for (s, _), keys in sorted(order.items()) if s == split for key in keys]
+    return ids, files
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Writing samples in the published format (the synthetic world; tests)
+
+def zarr_zip(arrays: dict, attrs: dict | None = None) -> bytes:
+    """A zarr v2 group in a zip, as TerraMesh stores a sample: consolidated metadata, each array one
+    zlib-compressed chunk (C order), 0-d arrays under the chunk key "0"."""
+    meta = {".zgroup": {"zarr_format": 2}}
+    chunks = {}
+    for name, a in arrays.items():
+        a = np.asarray(a)                          # tobytes() below is C order whatever the layout
+        meta[f"{name}/.zarray"] = {"chunks": list(a.shape), "compressor": {"id": "zlib", "level": 1},
+                                   "dtype": a.dtype.str, "fill_value": None, "filters": None, "order": "C",
+                                   "shape": list(a.shape), "zarr_format": 2}
+        if name in (attrs or {}):
+            meta[f"{name}/.zattrs"] = attrs[name]
+        key = ".".join("0" * a.ndim) if a.ndim else "0"
+        chunks[f"{name}/{key}"] = zlib.compress(a.tobytes(), 1)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for name, value in meta.items():
+            z.writestr(name, json.dumps(value))
+        z.writestr(".zmetadata", json.dumps({"metadata": meta, "zarr_consolidated_format": 1}))
+        for name, data in chunks.items():
+            z.writestr(name, data)
+    return out.getvalue()
+
+
+def write_shard(path, members: dict):
+    """A tar of {member name: bytes}, written atomically (a temporary file beside it, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, path)
