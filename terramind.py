@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,14 @@ def _entries():
 ENTRIES = _entries()                          # fixed order; batch `*_mod` values index into it
 ENTRY_INDEX = {e: i for i, e in enumerate(ENTRIES)}
 PAD = 0                                       # WordPiece [PAD]; sequence positions holding it are not inputs
+CHECKPOINT = "terramind.safetensors"         # the model file of a checkpoint folder (pretrain.py, release.py)
 SEQ_POSITIONS = 512                           # official: 1D sin-cos table of 512 positions (tm_utils.py)
+
+
+def checkpoint_file(path) -> Path:
+    """A checkpoint file, or a checkpoint folder -> the terramind.safetensors in it."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
 
 
 def entry_kind(entry: str) -> str:
@@ -548,6 +556,8 @@ class TerraMind(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "TerraMind":
+        """`path`: a checkpoint file or a checkpoint folder (its terramind.safetensors)."""
+        path = checkpoint_file(path)
         tensors, meta = load_safetensors(path, device)
         if "config" not in meta:
             raise ValueError(f"{path}: no model config in the checkpoint metadata")
