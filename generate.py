@@ -24,6 +24,10 @@ Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `genera
         --targets LULC,S1GRD,DEM,coords --out out/gen
     python generate.py eval --model ckpt/terramind.safetensors --tokenizers ckpt/ --data data/synth --split test \\
         --n 64 --temperature 0 --sen1floods11 assets/sen1floods11 --out out/eval
+    # image inputs as their tokens although the model has their pixel embedding (supplementary Table 14);
+    # eval runs each pair both ways by default (--input-scale both)
+    python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=data/synth/S2L2A/00005.tif \\
+        --targets LULC --input-scale tokens --out out/gen_tokens
     # a whole Sentinel-2 tile in bounded memory (scene.py): tiled GeoTIFF outputs, --resume after a crash
     python generate.py --model ckpt/terramind.safetensors --tokenizers ckpt/ --input S2L2A=T32TMT_S2L2A.tif \\
         --targets LULC --scene --out out/T32TMT

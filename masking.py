@@ -21,11 +21,13 @@ The recipe (4M `UnifiedMasking`):
      are what an entry can hold (image: its g*g tokens; caption: its length; coords: 3, whole or nothing);
   2. target budgets the same way with the target alphas; an image entry's target cap is g*g minus its
      input budget, so input and target never overlap;
-  3. image entries: one random permutation, the first tokens are inputs, the next ones targets;
+  3. image entries: one random permutation, the first tokens are inputs, the next ones targets (scales
+     "disjoint": one permutation per modality for its pixel and token entries, see Masking);
      captions: T5 span masking with sentinels [S_k]; coords: the whole sequence is input or target.
 
     from masking import Masking
     masking = Masking(inputs, targets, input_budget=64, target_budget=64, alphas="all2allmix", grid=4)
+    masking = Masking(inputs, targets, 64, 64, alphas="S2L2A=1000/*=0.5@1;mix@4", grid=4, scales="disjoint")
     batch = torch.utils.data.default_collate([masking(sample) for sample in samples])
 Budgets: official-like 256/256 at 224 px (grid 14); 64/64 suits 64 px tiles (grid 4, 16 tokens per image).
 """

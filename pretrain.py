@@ -22,13 +22,16 @@ the losses of 1 rank with 2 accumulation steps, and a resumed run the losses of 
     # CPU smoke run (synthetic world, 64 px tiles = 4 x 4 tokens; tokenizers and shards: fsq_tokenizer.py)
     python pretrain.py --size smoke --data data/synth --tokens tokens/ --steps 300 --out ckpt/
     python pretrain.py --size smoke --data data/synth --tokens tokens/ --steps 600 --out ckpt/ --resume
-    # one GPU (bf16 autocast, fused AdamW; batch 128 of base needs about 40 GiB), the paper's 500B token budget
+    # one GPU (bf16 autocast, fused AdamW; batch 128 of base needs about 40 GiB): the paper's recipe (§8.2, printed
+    # at start: base lr 2e-4 x 4096 / 256, global batch 4096 by gradient accumulation, 500B tokens)
     python pretrain.py --size base --data /data/terramesh --tokens /data/tokens --batch-size 128 \\
-        --total-batch-size 4096 --workers 8 --compile --out ckpt/
-    # one node, 8 GPUs (gloo instead of NCCL on CPU), then several nodes
+        --workers 8 --compile --out ckpt/
+    # one node, 8 GPUs (gloo instead of NCCL on CPU), then several nodes: the same global batch and losses
     torchrun --standalone --nproc_per_node=8 pretrain.py --size base --data /data/terramesh --tokens /data/tokens \\
-        --batch-size 128 --total-batch-size 4096 --workers 8 --compile --out ckpt/
+        --batch-size 128 --workers 8 --compile --out ckpt/
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 pretrain.py ...
+    # the ablations: TerraMind-B-single (§4.2), other Dirichlet mixtures (§8.2), no cross-scale overlap
+    python pretrain.py --size base ... --pixel-inputs S2L2A --alphas 'S2L2A=1000/*=0.5@1;mix@4' --scales disjoint
 """
 from __future__ import annotations
 
