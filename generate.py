@@ -578,6 +578,32 @@ def _scene_inputs(paths: dict) -> dict:
     return rasters
 
 
+def grid_state(canvas: dict, generator: torch.Generator) -> dict:
+    """The resume state of a scene's token generation: the token grid and the sampling generator, as arrays."""
+    arrays = {f"{e}.ids": ids.cpu().numpy() for e, (ids, _) in canvas.items()}
+    arrays.update({f"{e}.known": known.cpu().numpy() for e, (_, known) in canvas.items()})
+    return {**arrays, "generator": generator.get_state().numpy()}
+
+
+def restore_grid(arrays: dict, canvas: dict, generator: torch.Generator):
+    for e, (ids, known) in canvas.items():
+        ids.copy_(torch.from_numpy(arrays[f"{e}.ids"]))
+        known.copy_(torch.from_numpy(arrays[f"{e}.known"]))
+    generator.set_state(torch.from_numpy(arrays["generator"]))
+
+
+def write_scene(writers: dict, decoders: dict, H: int, W: int, rows: range, after_row):
+    """Each window row of every target decoded (decode_rows) and written; after_row(i) once row i is on disk."""
+    for i in tqdm(rows, desc="decode", unit="row", initial=rows.start, total=rows.stop):
+        for name, decoder in decoders.items():
+            a, band = next(decoder)
+            band = band[0, :, :max(0, H - a), :W]                                       # (C, h, W)
+            band = band.argmax(0, keepdim=True) if name == "LULC" else destandardize(name, band)
+            writers[name].write_rows(a, band.cpu().numpy())
+            writers[name].flush()
+        after_row(i)
+
+
 @torch.no_grad()
 def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: list, folder, sampling=None,
                    diffusion_steps: int = 10, seed: int = 0, batch_size: int = 16, resume: bool = False,
@@ -596,7 +622,7 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     rasters = _scene_inputs(paths)
     first = next(iter(rasters.values()))
     H, W, tile = first.height, first.width, model.config.grid * PATCH
-    Hp, Wp = H + -H % PATCH, W + -W % PATCH
+    Hp, Wp = H + -H % PATCH, W + -W % PATCH   # reflected to whole patches, as generate() pads
     plan = plan_windows(Hp, Wp, tile, max(1, batch_size))
     tgt, generator = [target_entry(t) for t in targets], torch.Generator(dev).manual_seed(seed)
     canvas, (_, seqs) = new_canvas(tgt, 1, Hp, Wp, dev), _prepare(sequences or {}, text_tokenizer, False, dev)
@@ -604,25 +630,15 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
            "sampling": sampling, "diffusion_steps": diffusion_steps, "seed": seed, "batch_size": batch_size,
            "sequences": sequences, "model": model.config}
     progress = Progress(folder / "scene.progress.npz", run)
-    state = progress.load() if resume else None
-    chunk, row = 0, 0
+    state, chunk, row = progress.load() if resume else None, 0, 0
     if state is not None:
-        arrays, meta = state
-        for e, (ids, known) in canvas.items():
-            ids.copy_(torch.from_numpy(arrays[e + ".ids"]))
-            known.copy_(torch.from_numpy(arrays[e + ".known"]))
-        generator.set_state(torch.from_numpy(arrays["generator"]))
-        chunk, row = meta["chunk"], meta["row"]
+        restore_grid(state[0], canvas, generator)
+        chunk, row = state[1]["chunk"], state[1]["row"]
         print(f"resuming {folder}: {chunk}/{len(plan.chunks)} window chunks, {row}/{len(plan.rows)} decoded rows")
-
-    def save(chunk: int, row: int):
-        arrays = {f"{e}.{k}": v.cpu().numpy() for e, (ids, known) in canvas.items() for k, v in (("ids", ids),
-                                                                                               ("known", known))}
-        progress.save({**arrays, "generator": generator.get_state().numpy()}, chunk=chunk, row=row)
 
     def checkpoint(k):   # after the chunk that ends a window row of its wave
         if k + 1 == len(plan.chunks) or plan.chunks[k + 1][0][0] != plan.chunks[k][-1][0]:
-            save(k + 1, 0)
+            progress.save(grid_state(canvas, generator), chunk=k + 1, row=0)
 
     def read(r, c):
         return {n: read_window(x, n, r, c, plan.th, plan.tw, dev) for n, x in rasters.items()}
@@ -631,16 +647,10 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     writers = {n: TiledWriter(folder / f"{n}.tif", 1 if n == "LULC" else MODALITIES[n].channels, H, W,
                               np.uint8 if n == "LULC" else np.float32, first.geo, resume=state is not None)
                for n in targets}
-    decoders = [decode_rows(tokenizers[n], n, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer, row)
-                for n, e in zip(targets, tgt)]
-    for i in tqdm(range(row, len(plan.rows)), desc="decode", unit="row", initial=row, total=len(plan.rows)):
-        for name, rows in zip(targets, decoders):
-            a, band = next(rows)
-            band = band[0, :, :max(0, H - a), :W]                                       # (C, h, W)
-            band = band.argmax(0, keepdim=True) if name == "LULC" else destandardize(name, band)
-            writers[name].write_rows(a, band.cpu().numpy())
-            writers[name].flush()
-        save(len(plan.chunks), i + 1)
+    decoders = {n: decode_rows(tokenizers[n], n, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer, row)
+                for n, e in zip(targets, tgt)}
+    write_scene(writers, decoders, H, W, range(row, len(plan.rows)),
+                lambda i: progress.save(grid_state(canvas, generator), chunk=len(plan.chunks), row=i + 1))
     for w in writers.values():
         w.finish()
     progress.done()
