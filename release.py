@@ -151,22 +151,23 @@ def find_release(folder: Path) -> tuple[list, dict]:
     return models, tokenizers
 
 
-def convert_model(path: Path, out: Path) -> TerraMind:
+def convert_model(path: Path, out: Path) -> TerraMindConfig:
     state = load_official(path, "model")
     size, config = model_config(state)
     model = TerraMind.from_official(state, config)
     named = MODEL_FILE.fullmatch(path.name).group(1)
     c = model.config
-    shape = (f"dim {c.dim}, {c.encoder_depth} + {c.decoder_depth} blocks, {c.num_heads} heads, "
+    shape = (f"dim {c.dim}, {c.encoder_depth} + {c.decoder_depth} blocks, {c.num_heads} head(s) of {HEAD_DIM}, "
              f"{'SwiGLU' if c.swiglu else 'GELU'} {c.mlp_hidden}")
     label = size or "no official size"
     note = f" (the file name says {named})" if size != named else ""
     model.save_checkpoint(out / CHECKPOINT, source=path.name, size=size or "custom")
     print(f"  {path.name}: {label}{note}: {shape}; inputs {' '.join(c.inputs)}; targets {' '.join(c.targets)}")
-    return model
+    return c
 
 
-def convert_tokenizer(path: Path, modality: str, out: Path) -> ImageTokenizer:
+def convert_tokenizer(path: Path, modality: str, out: Path) -> int:
+    """Writes <out>/tokenizer_<MOD>.safetensors; returns the codebook size."""
     state = load_official(path, "tokenizer")
     cfg = tokenizer_config(state, modality)
     tok = ImageTokenizer(cfg)
@@ -175,7 +176,14 @@ def convert_tokenizer(path: Path, modality: str, out: Path) -> ImageTokenizer:
     arch = "the released architecture" if cfg == TokenizerConfig.preset("official", modality) else \
         f"encoder {cfg.enc_dim} x {cfg.enc_depth}, {cfg.image_size} px tables"
     print(f"  {path.name}: {modality} tokenizer, {tok.vocab_size} codes, {arch}")
-    return tok
+    return tok.vocab_size
+
+
+def missing_files(config: TerraMindConfig | None, codes: dict) -> list[str]:
+    """What the release folder lacked, and what that costs."""
+    lines = [] if config else [f"TerraMind_v1_<size>.pt ({REPO}<size>): no model to generate, fine-tune or evaluate"]
+    return lines + [f"TerraMind_Tokenizer_{m}.pt ({REPO}Tokenizer-{m}): {m} can be neither generated nor a token "
+                    f"input" for m in terramesh.TOKENIZED_IMAGES if m not in codes]
 
 
 def convert(release, out) -> None:
@@ -183,17 +191,15 @@ def convert(release, out) -> None:
     release, out = Path(release), Path(out)
     models, tokenizers = find_release(release)
     print(f"found in {release}:")
-    model = convert_model(models[0], out) if models else None
-    toks = {m: convert_tokenizer(p, m, out) for m, p in tokenizers.items()}
-    written = ([CHECKPOINT] if model else []) + [tokenizer_path(out, m).name for m in toks]
+    config = convert_model(models[0], out) if models else None
+    codes = {m: convert_tokenizer(p, m, out) for m, p in tokenizers.items()}   # {modality: codebook size}
+    written = ([CHECKPOINT] if config else []) + [tokenizer_path(out, m).name for m in codes]
     print(f"wrote {out}/: {', '.join(written)}")
-    missing = [f"TerraMind_v1_<size>.pt ({REPO}<size>): no model to generate, fine-tune or evaluate"] if not model else []
-    missing += [f"TerraMind_Tokenizer_{m}.pt ({REPO}Tokenizer-{m}): {m} can be neither generated nor a token input"
-                for m in terramesh.TOKENIZED_IMAGES if m not in toks]
-    for m, tok in toks.items():   # a stand-in or mixed release: ids beyond the model's table would not embed
-        if model and f"tok_{m}" in model.config.targets and model.config.vocab_size(f"tok_{m}") != tok.vocab_size:
-            print(f"  note: the model's tok_{m} vocabulary ({model.config.vocab_size(f'tok_{m}')}) differs from its "
-                  f"tokenizer's ({tok.vocab_size} codes)")
+    for m, n in codes.items():   # a mixed release: token ids beyond the model's table would not embed
+        if config and f"tok_{m}" in config.targets and config.vocab_size(f"tok_{m}") != n:
+            print(f"  note: the model's tok_{m} vocabulary ({config.vocab_size(f'tok_{m}')}) differs from the "
+                  f"{m} tokenizer's {n} codes")
+    missing = missing_files(config, codes)
     print("missing: " + ("nothing" if not missing else "\n  " + "\n  ".join(missing)))
 
 

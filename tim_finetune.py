@@ -580,7 +580,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="TiM (or plain) fine-tuning with validation every epoch")
-    t.add_argument("--model", required=True, help="pretrained TerraMind checkpoint (pretrain.py)")
+    t.add_argument("--model", required=True, help="pretrained TerraMind checkpoint (pretrain.py) or checkpoint folder "
+                   "(release.py convert)")
     t.add_argument("--data", required=True, help="dataset folder")
     t.add_argument("--dataset", default="terramesh", choices=["terramesh", "sen1floods11"], help="on-disk format")
     t.add_argument("--labels", default="label_water", help="terramesh: the label folder")
