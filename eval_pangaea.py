@@ -506,7 +506,7 @@ def main():
     seg, few = sub.add_parser("seg", help="PANGAEA segmentation"), sub.add_parser("fewshot", help="few-shot k-shot n-way")
     for q in (seg, few):
         q.add_argument("--root", required=True, help="dataset folder")
-        q.add_argument("--model", default=None, help="our TerraMind checkpoint (.safetensors)")
+        q.add_argument("--model", default=None, help="our TerraMind checkpoint (.safetensors) or checkpoint folder")
         q.add_argument("--official", default=None, help="official weights, e.g. TerraMind_v1_base.pt (with --size)")
         q.add_argument("--size", default="smoke", help="model size of --official, or of a random init")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
