@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main
+from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main, writable_folder
 from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
@@ -147,6 +147,9 @@ def filter_logits(logits: torch.Tensor, top_k: float = 0, top_p: float = 0.0) ->
 
 def sample(logits: torch.Tensor, temperature: float, top_k=0, top_p=0.0, generator=None):
     """logits (B, K, V) -> token ids (B, K) and their probability (B, K). Temperature 0 is argmax."""
+    if not torch.isfinite(logits).all():   # NaN weights or inputs: neither argmax nor multinomial means anything
+        raise ValueError(f"the model gave {int((~torch.isfinite(logits)).sum())} non-finite logits: its weights or "
+                         f"inputs hold NaN or inf; use a checkpoint from before the run diverged")
     if temperature < 1e-10:   # DEVIATION: official confidence at T=0 is a constant 1 (MaskGIT order arbitrary)
         best = F.softmax(logits.float(), -1).max(-1)
         return best.indices, best.values
@@ -473,27 +476,33 @@ def stitch_cuts(starts: list, size: int, tile: int) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:]))
 
 
+def decoded(name: str, x: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    """Tokenizer output (B, C, H, W) -> LULC classes (B, H, W) (argmax), else physical units (or standardized)."""
+    return x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
+
+
 def decode_rows(tokenizer, name: str, ids: torch.Tensor, plan: WindowPlan, steps: int, seed: int, batch_size: int,
-                timer: Timer, first_row: int = 0):
-    """Token grid (B, Hp/16, Wp/16) -> yields (first pixel row a, decoder output (B, C, b - a, Wp)) per window row
+                timer: Timer, first_row: int = 0, standardized: bool = False):
+    """Token grid (B, Hp/16, Wp/16) -> yields (first pixel row a, `decoded` rows (B, [C,] b - a, Wp)) per window row
     from `first_row` on: every window decoded alone at the model's tile size, as in training, and cut to its
-    pixels nearest its centre. DEVIATION (paper §11.1 averages overlapping decoded windows): no averaging, so
+    pixels nearest its centre (only those are kept). DEVIATION (paper §11.1 averages overlapping decoded windows): no averaging, so
     independent diffusion samples are not blurred together; the whole grid at once (generate()'s default) does
     not fit in memory for a scene, and a ViT decoder would attend across all of it."""
     B, C, per = ids.shape[0], tokenizer.channels, max(1, batch_size // ids.shape[0])
     row_cuts = stitch_cuts(plan.rows, ids.shape[-2] * PATCH, plan.th)
     col_cuts = stitch_cuts(plan.cols, ids.shape[-1] * PATCH, plan.tw)
     for r, (a, b) in list(zip(plan.rows, row_cuts))[first_row:]:
-        parts = []
+        kept = []
         for k in range(0, len(plan.cols), per):
             cols = plan.cols[k:k + per]
             cells = torch.cat([ids[plan.cell(r, c)] for c in cols])                 # (n B, th/16, tw/16)
             noise = None if MODALITIES[name].decoder != "diffusion" else \
                 torch.cat([window_noise(seed, name, r, c, (B, C, plan.th, plan.tw)) for c in cols])
             with timer("diffusion" if noise is not None else f"{name} decoder"):
-                parts += tokenizer.decode(cells, steps=steps, noise=noise).split(B)  # n x (B, C, th, tw)
-        kept = [x[..., a - r:b - r, p - c:q - c] for x, c, (p, q) in zip(parts, plan.cols, col_cuts)]
-        yield a, torch.cat(kept, -1)                                                  # (B, C, b - a, Wp)
+                x = tokenizer.decode(cells, steps=steps, noise=noise)              # (n B, C, th, tw)
+            for part, c, (p, q) in zip(x.split(B), cols, col_cuts[k:k + per]):
+                kept.append(decoded(name, part[..., a - r:b - r, p - c:q - c], standardized))
+        yield a, torch.cat(kept, -1)                                                  # (B, [C,] b - a, Wp)
 
 
 @torch.no_grad()
@@ -547,12 +556,13 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
         if MODALITIES[name].kind != "image":
             continue
         if decode == "windows":
-            rows = decode_rows(tokenizers[name], name, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer)
-            x = torch.cat([band for _, band in rows], -2)[..., :H, :W]
-        else:
-            with timer("diffusion" if name != "LULC" else "LULC decoder"):
-                x = tokenizers[name].decode(canvas[e][0], steps=diffusion_steps, generator=generator)[..., :H, :W]
-        out[name] = x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
+            rows = decode_rows(tokenizers[name], name, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer,
+                               standardized=standardized)
+            out[name] = torch.cat([band for _, band in rows], -2)[..., :H, :W]
+            continue
+        with timer("diffusion" if name != "LULC" else "LULC decoder"):
+            x = tokenizers[name].decode(canvas[e][0], steps=diffusion_steps, generator=generator)[..., :H, :W]
+        out[name] = decoded(name, x, standardized)
     timer.samples += B
     return {n: out[n] for n in targets}
 
@@ -597,9 +607,8 @@ def write_scene(writers: dict, decoders: dict, H: int, W: int, rows: range, afte
     for i in tqdm(rows, desc="decode", unit="row", initial=rows.start, total=rows.stop):
         for name, decoder in decoders.items():
             a, band = next(decoder)
-            band = band[0, :, :max(0, H - a), :W]                                       # (C, h, W)
-            band = band.argmax(0, keepdim=True) if name == "LULC" else destandardize(name, band)
-            writers[name].write_rows(a, band.cpu().numpy())
+            band = band[0, ..., :max(0, H - a), :W]                                     # ([C,] h, W)
+            writers[name].write_rows(a, band.reshape(-1, *band.shape[-2:]).cpu().numpy())
             writers[name].flush()
         after_row(i)
 
@@ -865,6 +874,7 @@ def main():
                             "read and outputs written (tiled GeoTIFFs) window by window, image targets only")
         parser.add_argument("--resume", action="store_true", help="--scene: continue a killed run in --out")
     args = parser.parse_args(sys.argv[2:] if evaluate else sys.argv[1:])
+    writable_folder(args.out)   # before any work
     print(f"diffusion decoders: {args.diffusion_steps} DDIM steps (default here {DECODE_STEPS}, as the official "
           f"notebooks; the official TerraMindGeneration default is {OFFICIAL_DECODE_STEPS}: --diffusion-steps)")
     k = int(args.top_k) if args.top_k >= 1 or args.top_k == 0 else args.top_k   # an int k, or a share < 1

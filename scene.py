@@ -39,7 +39,7 @@ import tifffile
 GEO_TAGS = {33550: "d", 33922: "d", 34264: "d", 34735: "H", 34736: "d", 34737: "s", 42113: "s"}
 CO_REGISTRATION = {33550: "pixel scale", 33922: "tie point", 34264: "transformation", 34735: "CRS (GeoKeys)"}
 OUTPUT_TILE = 256       # tile side of the written GeoTIFFs (a multiple of 16, GDAL's default block)
-CACHE_BYTES = 64 << 20  # decoded input tiles / strips kept for the next windows (neighbours share them)
+CACHE_BYTES = 16 << 20  # decoded input tiles / strips kept for the next windows of a row (they share them)
 
 
 class Raster:
