@@ -470,10 +470,19 @@ def window_noise(seed: int, name: str, r: int, c: int, shape: tuple) -> torch.Te
     return torch.from_numpy(np.concatenate(rows, -2))                                # (B, C, h, w)
 
 
-def stitch_cuts(starts: list, size: int, tile: int) -> list[tuple[int, int]]:
-    """[(a, b)] per window along one axis: the pixels it keeps, those nearer its centre than a neighbour's."""
-    cuts = [0] + [(a + b + tile) // 2 for a, b in zip(starts, starts[1:])] + [size]
-    return list(zip(cuts, cuts[1:]))
+def decode_starts(size: int, tile: int) -> list[int]:
+    """Offsets of the decoding windows along one axis: tile-wide at a half-tile stride on the patch grid, the
+    last one flush with the end, so every pixel away from the image border lies in two windows."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, max(PATCH, tile // 2 // PATCH * PATCH)))
+    return starts + [size - tile] if starts[-1] != size - tile else starts
+
+
+def ramp(n: int) -> torch.Tensor:
+    """(n,) blending weights across a window: distance to its nearer edge (0.5 at the edge pixels)."""
+    i = torch.arange(n, dtype=torch.float32)
+    return torch.minimum(i + 0.5, n - i - 0.5)
 
 
 def decoded(name: str, x: torch.Tensor, standardized: bool = False) -> torch.Tensor:
@@ -481,28 +490,55 @@ def decoded(name: str, x: torch.Tensor, standardized: bool = False) -> torch.Ten
     return x.argmax(1) if name == "LULC" else x if standardized else destandardize(name, x)
 
 
-def decode_rows(tokenizer, name: str, ids: torch.Tensor, plan: WindowPlan, steps: int, seed: int, batch_size: int,
+def decode_window_row(tokenizer, name: str, ids: torch.Tensor, r: int, th: int, cols: list, tw: int, steps: int,
+                      seed: int, per: int, timer: Timer) -> torch.Tensor:
+    """The windows of one decoding row at pixel row r, decoded and blended with `ramp` weights -> weighted sum
+    (B, C, th, Wp) and weights (th, Wp)."""
+    B, C, Wp = ids.shape[0], tokenizer.channels, ids.shape[-1] * PATCH
+    total, weights = ids.new_zeros(B, C, th, Wp, dtype=torch.float32), ids.new_zeros(th, Wp, dtype=torch.float32)
+    w = (ramp(th)[:, None] * ramp(tw)[None, :]).to(ids.device)                       # (th, tw)
+    for k in range(0, len(cols), per):
+        chunk = cols[k:k + per]
+        cells = torch.cat([ids[:, r // PATCH:(r + th) // PATCH, c // PATCH:(c + tw) // PATCH] for c in chunk])
+        noise = None if MODALITIES[name].decoder != "diffusion" else \
+            torch.cat([window_noise(seed, name, r, c, (B, C, th, tw)) for c in chunk])
+        with timer("diffusion" if noise is not None else f"{name} decoder"):
+            x = tokenizer.decode(cells, steps=steps, noise=noise).float()            # (n B, C, th, tw)
+        for part, c in zip(x.split(B), chunk):
+            total[..., c:c + tw] += part * w
+            weights[:, c:c + tw] += w
+    return total, weights
+
+
+def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, seed: int, batch_size: int,
                 timer: Timer, first_row: int = 0, standardized: bool = False):
-    """Token grid (B, Hp/16, Wp/16) -> yields (first pixel row a, `decoded` rows (B, [C,] b - a, Wp)) per window row
-    from `first_row` on: every window decoded alone at the model's tile size, as in training, and cut to its
-    pixels nearest its centre (only those are kept). DEVIATION (paper §11.1 averages overlapping decoded windows): no averaging, so
-    independent diffusion samples are not blurred together; the whole grid at once (generate()'s default) does
-    not fit in memory for a scene, and a ViT decoder would attend across all of it."""
-    B, C, per = ids.shape[0], tokenizer.channels, max(1, batch_size // ids.shape[0])
-    row_cuts = stitch_cuts(plan.rows, ids.shape[-2] * PATCH, plan.th)
-    col_cuts = stitch_cuts(plan.cols, ids.shape[-1] * PATCH, plan.tw)
-    for r, (a, b) in list(zip(plan.rows, row_cuts))[first_row:]:
-        kept = []
-        for k in range(0, len(plan.cols), per):
-            cols = plan.cols[k:k + per]
-            cells = torch.cat([ids[plan.cell(r, c)] for c in cols])                 # (n B, th/16, tw/16)
-            noise = None if MODALITIES[name].decoder != "diffusion" else \
-                torch.cat([window_noise(seed, name, r, c, (B, C, plan.th, plan.tw)) for c in cols])
-            with timer("diffusion" if noise is not None else f"{name} decoder"):
-                x = tokenizer.decode(cells, steps=steps, noise=noise)              # (n B, C, th, tw)
-            for part, c, (p, q) in zip(x.split(B), cols, col_cuts[k:k + per]):
-                kept.append(decoded(name, part[..., a - r:b - r, p - c:q - c], standardized))
-        yield a, torch.cat(kept, -1)                                                  # (B, [C,] b - a, Wp)
+    """Token grid (B, Hp/16, Wp/16) -> yields (a, `decoded` rows a..b (B, [C,] b - a, Wp)) once per decoding row
+    from `first_row` on, each band final. Every window is decoded alone at the model's tile size, as in training,
+    from the shared noise of its patches (window_noise); overlapping windows are averaged with `ramp` weights.
+    DEVIATION (paper §11.1: a plain average of windows at the generation stride): half-tile stride and weights
+    that fall to the window edges, so no window border shows (measured, tests/test_scene.py). The rows of earlier
+    windows that reach into `first_row` are decoded again, so a resumed run needs no saved pixels."""
+    Hp, Wp, per = ids.shape[-2] * PATCH, ids.shape[-1] * PATCH, max(1, batch_size // ids.shape[0])
+    th, tw = min(tile, Hp), min(tile, Wp)
+    rows, cols = decode_starts(Hp, tile), decode_starts(Wp, tile)
+    base = rows[first_row] if first_row < len(rows) else Hp   # first row not yet final
+    total = ids.new_zeros(ids.shape[0], tokenizer.channels, 0, Wp, dtype=torch.float32)   # (B, C, rows, Wp)
+    weights = ids.new_zeros(0, Wp, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        if i < first_row and r + th <= base:
+            continue
+        part, w = decode_window_row(tokenizer, name, ids, r, th, cols, tw, steps, seed, per, timer)
+        lo = max(base - r, 0)   # rows above `base` are final already
+        if (grow := r + th - base - total.shape[-2]) > 0:
+            total = torch.cat([total, total.new_zeros(*total.shape[:2], grow, Wp)], -2)
+            weights = torch.cat([weights, weights.new_zeros(grow, Wp)])
+        total[..., r + lo - base:r + th - base, :] += part[..., lo:, :]
+        weights[r + lo - base:r + th - base] += w[lo:]
+        if i < first_row:
+            continue
+        done = rows[i + 1] if i + 1 < len(rows) else Hp       # later windows start at or below this row
+        yield base, decoded(name, total[..., :done - base, :] / weights[:done - base], standardized)
+        total, weights, base = total[..., done - base:, :], weights[done - base:], done
 
 
 @torch.no_grad()
@@ -556,7 +592,7 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
         if MODALITIES[name].kind != "image":
             continue
         if decode == "windows":
-            rows = decode_rows(tokenizers[name], name, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer,
+            rows = decode_rows(tokenizers[name], name, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer,
                                standardized=standardized)
             out[name] = torch.cat([band for _, band in rows], -2)[..., :H, :W]
             continue
@@ -643,7 +679,8 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     if state is not None:
         restore_grid(state[0], canvas, generator)
         chunk, row = state[1]["chunk"], state[1]["row"]
-        print(f"resuming {folder}: {chunk}/{len(plan.chunks)} window chunks, {row}/{len(plan.rows)} decoded rows")
+        print(f"resuming {folder}: {chunk}/{len(plan.chunks)} window chunks, {row}/{len(decode_starts(Hp, tile))} "
+              f"decoded rows")
 
     def checkpoint(k):   # after the chunk that ends a window row of its wave
         if k + 1 == len(plan.chunks) or plan.chunks[k + 1][0][0] != plan.chunks[k][-1][0]:
@@ -656,9 +693,9 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     writers = {n: TiledWriter(folder / f"{n}.tif", 1 if n == "LULC" else MODALITIES[n].channels, H, W,
                               np.uint8 if n == "LULC" else np.float32, first.geo, resume=state is not None)
                for n in targets}
-    decoders = {n: decode_rows(tokenizers[n], n, canvas[e][0], plan, diffusion_steps, seed, batch_size, timer, row)
+    decoders = {n: decode_rows(tokenizers[n], n, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer, row)
                 for n, e in zip(targets, tgt)}
-    write_scene(writers, decoders, H, W, range(row, len(plan.rows)),
+    write_scene(writers, decoders, H, W, range(row, len(decode_starts(Hp, tile))),
                 lambda i: progress.save(grid_state(canvas, generator), chunk=len(plan.chunks), row=i + 1))
     for w in writers.values():
         w.finish()
