@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every check of this repository that needs a GPU, in one run on one GPU. On an H100 part 1 took about 2.5
 # minutes at 10 timed steps per mode; part 2 needs more than the 270 s it was given there.
+#   0. the GPU tests (tests/test_gpu.py, pytest -m gpu): bf16 autocast step against fp32, fused CUDA AdamW against
+#      foreach, compiled blocks against eager, and with 2 GPUs torchrun/NCCL against gradient accumulation;
 #   1. base pretraining throughput and MFU at bf16, batch 128: eager, blocks compiled (pretrain.py --compile) and the
 #      whole model under torch.compile (bench/pretrain_gpu.py, 20 timed steps each);
 #   2. the whole chain of run_gpu.sh at a small size (torchrun, bf16, EMA, compiled pretraining, generation,
@@ -16,6 +18,9 @@ export PATH="$(dirname "$(command -v "$PY")"):$PATH"   # torchrun beside the pyt
 mkdir -p "$OUT"
 nvidia-smi -L
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+
+echo "== 0. GPU tests (pytest -m gpu)"
+timeout "${TEST_TIMEOUT:-600}" $PY -m pytest -m gpu tests/test_gpu.py -q -ra 2>&1 | tee "$OUT/pytest_gpu.log"
 
 echo "== 1. base pretraining: tokens/s and MFU (goal: MFU >= 40%)"
 timeout "${MFU_TIMEOUT:-300}" $PY bench/pretrain_gpu.py --batch-size "${MFU_BATCH:-128}" --steps "${MFU_STEPS:-20}" --warmup 5 2>&1 | tee "$OUT/pretrain_gpu.log"

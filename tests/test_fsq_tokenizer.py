@@ -186,8 +186,8 @@ def test_metrics_facts():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "fsq_tokenizer.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
+    cmd = [sys.executable, str(ROOT / "fsq_tokenizer.py"), *map(str, args), "--device", "cpu"]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
 
 def test_train_tokenize_reconstruct_commands(tmp_path):

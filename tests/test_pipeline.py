@@ -18,7 +18,8 @@ from terramesh import read_tiff
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"N": "300", "TOKENIZER_STEPS": "100", "PRETRAIN_STEPS": "200", "EPOCHS": "2", "EVAL_N": "16",
-         "FEWSHOT_RUNS": "50", "WAYS": "3", "OMP_NUM_THREADS": "1"}
+         "FEWSHOT_RUNS": "50", "WAYS": "3", "OMP_NUM_THREADS": "1",
+         "CUDA_VISIBLE_DEVICES": ""}   # run_cpu.sh takes the scripts' default device: the CPU, even on a GPU host
 
 
 @pytest.fixture(scope="module")

@@ -376,7 +376,7 @@ def test_default_global_batch_gives_the_same_losses_on_one_and_two_processes(wor
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--data", world.data, "--tokens", world.tokens, "--text-tokenizer", world.text, "--steps", 2,
              "--size", "smoke", "--batch-size", 8, "--workers", 0, "--eval-every", 1000, "--eval-samples", 8,
-             "--log-every", 1]
+             "--log-every", 1, "--device", "cpu"]
     said = run([sys.executable, "pretrain.py", *flags, "--out", tmp_path / "one"], env=env)
     assert "global batch 32 = 1 process(es) x 4 accumulation x 8 micro-batch" in said
     assert "base lr 1.6e-02 x 32 / 256 = peak lr 2.0e-03" in said
