@@ -652,7 +652,7 @@ def write_scene(writers: dict, decoders: dict, H: int, W: int, rows: range, afte
 @torch.no_grad()
 def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: list, folder, sampling=None,
                    diffusion_steps: int = 10, seed: int = 0, batch_size: int = 16, resume: bool = False,
-                   sequences: dict | None = None, text_tokenizer=None) -> str:
+                   sequences: dict | None = None, text_tokenizer=None, input_scale: str = "pixels") -> str:
     """Generation over a scene of any size in bounded memory (--scene). paths {modality: GeoTIFF}, co-registered;
     image targets only. The scene's token grid is the one whole-scene array in memory: the windows of
     plan_windows read their pixels from the files as the waves reach them, then decode_rows decodes window row
@@ -673,7 +673,7 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     canvas, (_, seqs) = new_canvas(tgt, 1, Hp, Wp, dev), _prepare(sequences or {}, text_tokenizer, False, dev)
     run = {"inputs": {n: [str(p), Path(p).stat().st_size] for n, p in paths.items()}, "targets": targets,
            "sampling": sampling, "diffusion_steps": diffusion_steps, "seed": seed, "batch_size": batch_size,
-           "sequences": sequences, "model": model.config}
+           "sequences": sequences, "input_scale": input_scale, "model": model.config}
     progress = Progress(folder / "scene.progress.npz", run)
     state, chunk, row = progress.load() if resume else None, 0, 0
     if state is not None:
@@ -689,7 +689,7 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     def read(r, c):
         return {n: read_window(x, n, r, c, plan.th, plan.tw, dev) for n, x in rasters.items()}
     fill_token_grid(model, tokenizers, read, seqs, targets, plan, canvas, 1, sampling, generator, text_tokenizer,
-                    timer, chunk, checkpoint)
+                    timer, chunk, checkpoint, input_scale)
     writers = {n: TiledWriter(folder / f"{n}.tif", 1 if n == "LULC" else MODALITIES[n].channels, H, W,
                               np.uint8 if n == "LULC" else np.float32, first.geo, resume=state is not None)
                for n in targets}
@@ -735,11 +735,13 @@ def run_scene(args, model, tokenizers, text):
             paths[name] = value
     targets = [t for t in args.targets.split(",") if t]
     line = generate_scene(model, tokenizers, paths, targets, args.out, args.sampling, args.diffusion_steps,
-                          args.seed, args.batch_size, args.resume, sequences, text)
+                          args.seed, args.batch_size, args.resume, sequences, text, args.input_scale)
     print(f"generated {', '.join(targets)} -> {', '.join(str(Path(args.out) / f'{t}.tif') for t in targets)}\n{line}")
 
 
 def run_generate(args):
+    if args.resume and not args.scene:
+        raise ValueError("--resume continues a --scene run; add --scene")
     model, tokenizers, text = load_stack(args)
     if args.scene:
         return run_scene(args, model, tokenizers, text)
