@@ -58,7 +58,7 @@ from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
 from scene import Progress, Raster, TiledWriter, open_scene, summary
 from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset, destandardize, format_coords,
-                       modality, parse_coords, read_input, render, save_sheet, standardize,
+                       is_shard_root, modality, parse_coords, read_input, render, save_sheet, standardize,
                        write_geotiff, write_text)
 from terramind import Encoded, TerraMind, checkpoint_file, entry_kind
 from text_tokenizer import EOS_ID, OFFICIAL_VOCAB, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
@@ -790,7 +790,8 @@ def run_eval(args):
     timer, out_dir, sets = Timer(), Path(args.out), []
     if args.data:
         root = Path(args.data)
-        ds = TerraMeshDataset(root, split=args.split if (root / "splits").is_dir() else None, size=None,
+        split = args.split if (root / "splits").is_dir() or is_shard_root(root) else None   # published: train/val
+        ds = TerraMeshDataset(root, split=split, size=None,
                               labels=args.labels if (root / args.labels).is_dir() else None)
         sets.append((root.name, [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)],
                      args.pairs))

@@ -285,13 +285,15 @@ def _sample_members(job) -> dict:
 
 def synthesize_shards(out, n=400, size=264, seed=0, workers=None, shard_size=64):
     """Writes the synthetic world in the published layout: the train ids (80%) under train/, the rest under
-    val/ (TerraMesh has no test split), `shard_size` samples per tar, the first half of each split's shards
-    majortom (S1RTC), the rest ssl4eos12 (S1GRD). Deterministic in (seed, sample index)."""
+    val/ (TerraMesh has no test split), `shard_size` samples per tar (at least two tars per split), the first
+    half of each split's shards majortom (S1RTC), the rest ssl4eos12 (S1GRD); ours: TerraMesh's shards are 89%
+    majortom. Deterministic in (seed, sample index)."""
     ids = np.random.default_rng(seed).permutation(n)
     workers = workers or min(os.cpu_count() or 1, 8)
-    number = 0
     for split, part in zip(("train", "val"), np.split(ids, [int(0.8 * n)])):
-        shards = np.array_split(np.sort(part), max(1, -(-len(part) // shard_size)))
+        number = 0                                                        # each split numbers from 1
+        count = max(min(2, len(part)), -(-len(part) // shard_size))          # both subsets in every split
+        shards = np.array_split(np.sort(part), count)
         for k, members in enumerate(shards):
             number += 1
             subset = "majortom" if k < (len(shards) + 1) // 2 else "ssl4eos12"

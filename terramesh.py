@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import textwrap
 import time
 import warnings
@@ -41,7 +42,7 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from cli import multiple_of, nonnegative_int, positive_int, run_main
+from cli import nonnegative_int, positive_int, run_main
 from pictures import ramp, save_png, save_sheet  # noqa: F401  (re-exported: stages draw via terramesh)
 from terramesh_shards import SPLITS, Member, index_layout, is_shard_root, layout_modalities, read_sample
 
@@ -71,6 +72,7 @@ class Modality:
     std: tuple = ()
     dtype: str = "float32"             # dtype of real TerraMesh files
     max_length: int | None = None      # sequence modalities: maximum tokens
+    valid: tuple = ()                  # physical range (our choice, generous): values outside it get a warning
 
     @property
     def channels(self) -> int:
@@ -88,24 +90,25 @@ MODALITIES: dict[str, Modality] = {m.name: m for m in [
              mean=(2357.089, 2137.385, 2018.788, 2082.986, 2295.651, 2854.537, 3122.849, 3040.56, 3306.481,
                    1473.847, 506.07, 2472.825, 1838.929),
              std=(1624.683, 1675.806, 1557.708, 1833.702, 1823.738, 1733.977, 1732.131, 1679.732, 1727.26,
-                  1024.687, 442.165, 1331.411, 1160.419), dtype="int16"),
+                  1024.687, 442.165, 1331.411, 1160.419), dtype="int16", valid=(-1000, 32767)),
     Modality("S2L2A", "image", S2_BANDS, pixel_key="untok_sen2l2a@224", token_key="tok_sen2l2a@224",
              vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=_S2L2A_MEAN, std=_S2L2A_STD,
-             dtype="int16"),
+             dtype="int16", valid=(-1000, 32767)),
     Modality("S2RGB", "image", ("RED", "GREEN", "BLUE"), pixel_key="untok_sen2rgb@224",
-             mean=(87.271, 80.931, 66.667), std=(58.767, 47.663, 42.631), dtype="uint8"),
+             mean=(87.271, 80.931, 66.667), std=(58.767, 47.663, 42.631), dtype="uint8", valid=(0, 255)),
     Modality("S1GRD", "image", ("VV", "VH"), pixel_key="untok_sen1grd@224", token_key="tok_sen1grd@224",
              vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=(-12.599, -20.293),
-             std=(5.195, 5.890), dtype="float32"),
+             std=(5.195, 5.890), dtype="float32", valid=(-80, 40)),
     Modality("S1RTC", "image", ("VV", "VH"), pixel_key="untok_sen1rtc@224", token_key="tok_sen1rtc@224",
              vocab_size=15360, fsq_levels=_FSQ16K, decoder="diffusion", mean=(-10.93, -17.329),
-             std=(4.391, 4.459), dtype="float64"),
+             std=(4.391, 4.459), dtype="float64", valid=(-80, 40)),
     Modality("DEM", "image", ("DEM",), pixel_key="untok_dem@224", token_key="tok_dem@224", vocab_size=15360,
-             fsq_levels=_FSQ16K, decoder="diffusion", mean=(670.665,), std=(951.272,), dtype="int16"),
+             fsq_levels=_FSQ16K, decoder="diffusion", mean=(670.665,), std=(951.272,), dtype="int16",
+             valid=(-500, 9000)),
     Modality("LULC", "image", ("LULC",), token_key="tok_lulc@224", vocab_size=4375, fsq_levels=_FSQ4K,
              decoder="vit", mean=(0.0,), std=(1.0,), dtype="uint8"),   # class indices: identity
     Modality("NDVI", "image", ("NDVI",), token_key="tok_ndvi@224", vocab_size=15360, fsq_levels=_FSQ16K,
-             decoder="diffusion", mean=(0.327,), std=(0.322,), dtype="float64"),
+             decoder="diffusion", mean=(0.327,), std=(0.322,), dtype="float64", valid=(-1.01, 1.01)),
     Modality("caption", "sequence", token_key="caption", vocab_size=30000, max_length=256),
     Modality("coords", "sequence", token_key="coords", vocab_size=30000, max_length=4),
 ]}
@@ -122,6 +125,42 @@ LULC_COLORS = np.array([(0, 0, 0), (65, 155, 223), (57, 125, 73), (122, 135, 198
                         (196, 40, 27), (165, 155, 143), (168, 235, 255), (97, 97, 97), (227, 226, 195)],
                        dtype=np.uint8)
 NO_DATA, WATER, TREES, FLOODED, CROPS, BUILT, BARE, SNOW, CLOUDS, RANGE = range(10)
+
+
+NAN_NO_DATA = ("S1GRD", "S1RTC")   # NaN marks Sentinel-1 no data (read as the band mean); elsewhere it is an error
+RESCALED = {"S2L1C": 10000, "S2L2A": 10000, "S2RGB": 255}   # stored scale of values that may come as 0-1 floats
+
+
+def check_values(name: str, x: np.ndarray, path, nan_ok: bool | None = None):
+    """Refuses what cannot be meaningful and warns about what is probably wrong, naming the file: +-inf
+    anywhere; NaN outside Sentinel-1 (`nan_ok`, default NAN_NO_DATA); LULC classes that are not whole
+    numbers; S-2 / RGB stored as 0-1 floats. Values outside the modality's physical range get a warning."""
+    m, integer = MODALITIES[name], np.issubdtype(x.dtype, np.integer)
+    finite = x
+    if not integer:
+        if n_inf := int(np.isinf(x).sum()):
+            raise ValueError(f"{path}: {n_inf} infinite values in {name} (e.g. the dB of zero backscatter); "
+                             f"fix the file (mark no data as NaN in S-1)")
+        nan = np.isnan(x)
+        if nan.any() and not (name in NAN_NO_DATA if nan_ok is None else nan_ok):
+            raise ValueError(f"{path}: {int(nan.sum())} NaN values in {name}; only Sentinel-1 may mark no data "
+                             f"with NaN: fill them in the file")
+        finite = x[~nan]
+    if finite.size == 0:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    if name == "LULC" and not integer and not np.array_equal(finite, np.round(finite)):
+        raise ValueError(f"{path}: LULC is stored as {x.dtype} with fractional values ({lo:g}..{hi:g}); "
+                         f"LULC holds integer classes 0..9: write the class map, not a resampled one")
+    if name in RESCALED and not integer and -0.01 <= lo and hi <= 1.5:
+        raise ValueError(f"{path}: {name} values lie in {lo:g}..{hi:g}, 0-1 floats; TerraMesh stores {name} "
+                         f"x {RESCALED[name]} ({m.dtype}): multiply by {RESCALED[name]}")
+    if name == "LULC" and not integer:
+        warnings.warn(f"{path}: LULC stored as {x.dtype}; read as integer classes (TerraMesh: uint8)", stacklevel=3)
+    low, high = m.valid or (lo, hi)
+    if lo < low or hi > high:
+        warnings.warn(f"{path}: {name} values {lo:g}..{hi:g} lie outside its physical range {low:g}..{high:g}; "
+                      f"check the units (S-2 reflectance x 10000, S-1 dB, DEM m, NDVI -1..1)", stacklevel=3)
 
 
 def modality(name: str) -> Modality:
@@ -215,6 +254,14 @@ def write_geotiff(path, x: np.ndarray, geo: dict | None = None, offset: tuple = 
     os.replace(tmp, path)
 
 
+def read_text(path) -> str:
+    """A UTF-8 text file (caption, coords, split list); a file in another encoding raises ValueError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
 def write_text(path, text: str):
     """Writes a text file atomically (a temporary file beside it, then a rename); creates the folder."""
     path = Path(path)
@@ -242,10 +289,11 @@ def read_input(name: str, value):
     if (m := MODALITIES.get(name)) is None or not value:
         raise ValueError(f"--input {name}={value}: expected MOD=path, MOD one of {', '.join(MODALITIES)}")
     if m.kind == "sequence":
-        text = Path(value).read_text(encoding="utf-8").strip() if Path(value).is_file() else value
+        text = read_text(value).strip() if Path(value).is_file() else value
         return (parse_coords(text, value) if name == "coords" else text), None
     x, geo = read_tiff(value)
     x = to_channels_first(x, m.channels, value)
+    check_values(name, x, value, nan_ok=name != "LULC")
     if name == "LULC":
         return x[0].astype(np.int64), geo
     if np.isnan(x := x.astype(np.float32)).any():
@@ -328,7 +376,7 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             split_file = self.root / "splits" / f"{split}.txt"
             if not split_file.exists():
                 raise FileNotFoundError(f"{split_file}: no such split file")
-            self.ids = split_file.read_text().split()
+            self.ids = read_text(split_file).split()
         else:
             self.ids = sorted(set().union(*(self.files[m] for m in self.modalities)) if self.modalities else [])
         if labels:
@@ -402,7 +450,7 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         for m in self.available(i):
             path = self.files[m][sid]
             if MODALITIES[m].kind == "sequence":
-                text = path.read_text(encoding="utf-8").strip()
+                text = read_text(path).strip()
                 if m == "coords":
                     parse_coords(text, path)
                 sample[m] = text
@@ -444,6 +492,7 @@ class TerraMeshDataset(torch.utils.data.Dataset):
 
     def _prepare(self, m: str, x: np.ndarray, path) -> np.ndarray:
         """(C, H, W) as stored -> standardized float32, NaN -> the band mean; LULC -> int64 (H, W) classes."""
+        check_values(m, x, path)
         if m == "LULC":
             x = x[0].astype(np.int64)
             if x.min() < 0 or x.max() >= len(LULC_CLASSES):
@@ -497,6 +546,10 @@ def load_safetensors(path, device="cpu") -> tuple[dict, dict]:
                          f"({type(e).__name__}: {e})") from None
     if "crc32" in meta and meta.pop("crc32") != _crc32(tensors):
         raise ValueError(f"{path}: checkpoint is corrupted (checksum mismatch)")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): written by a run that "
+                         f"diverged; use an earlier checkpoint")
     return tensors, meta
 
 
@@ -618,13 +671,13 @@ def dataset_stats(root, limit=None) -> dict:
     number of files read: {modality: (mean, std, files)}."""
     out = {}
     for m in IMAGE_MODALITIES:
-        files = sorted((Path(root) / m).glob("*.tif"))[:limit]
+        files = _stored_tiles(root, m)[:limit]
         if not files or m == "LULC":
             continue
         c = MODALITIES[m].channels
         acc = np.zeros((3, c))                                                     # sum, sum of squares, count
         for f in tqdm(files, desc=m, leave=False):
-            x = to_channels_first(read_tiff(f)[0], c, f).reshape(c, -1).astype(np.float64)
+            x = _read_stored(m, f).reshape(c, -1).astype(np.float64)
             ok = ~np.isnan(x)
             x = np.where(ok, x, 0)
             acc += [x.sum(1), (x ** 2).sum(1), ok.sum(1)]
@@ -633,14 +686,30 @@ def dataset_stats(root, limit=None) -> dict:
     return out
 
 
+def _stored_tiles(root, m: str) -> list:
+    """The files (GeoTIFF layout) or tar members (published layout, train then val) of modality m."""
+    if is_shard_root(root):
+        return list(index_layout(root, SPLITS, [m])[1][m].values())
+    return sorted((Path(root) / m).glob("*.tif"))
+
+
+def _read_stored(m: str, where) -> np.ndarray:
+    """(C, H, W) as stored, from a GeoTIFF path or a tar member."""
+    if isinstance(where, Member):
+        return TerraMeshDataset._bands(m, read_sample(*where)["bands"], where)
+    return to_channels_first(read_tiff(where)[0], MODALITIES[m].channels, where)
+
+
 def _show(root, sid, out, max_size=None):
     """All modalities (and label folders) of one sample side by side, caption and coords as text below."""
     root, panels, lines = Path(root), [], []
+    if is_shard_root(root):
+        return _show_published(root, sid, out, max_size)
     for folder in [m for m in MODALITIES if (root / m).is_dir()] + sorted(p.name for p in root.glob("label*")):
         mod = MODALITIES.get(folder)
         if mod and mod.kind == "sequence":
             if (root / folder / f"{sid}.txt").exists():
-                text = f"{folder}: {(root / folder / f'{sid}.txt').read_text(encoding='utf-8').strip()}"
+                text = f"{folder}: {read_text(root / folder / f'{sid}.txt').strip()}"
                 lines += textwrap.wrap(text, 110, subsequent_indent="  ")
         elif (root / folder / f"{sid}.tif").exists():
             path = root / folder / f"{sid}.tif"
@@ -652,6 +721,31 @@ def _show(root, sid, out, max_size=None):
     print(f"wrote {out}: {', '.join(p[0] for p in panels)}")
 
 
+def _show_published(root, sid, out, max_size=None):
+    """`show` for the published layout: the sample's image modalities, its centre as text below."""
+    ds = TerraMeshDataset(root, size=None)
+    if sid not in ds.files["coords"]:
+        raise FileNotFoundError(f"{root}: no sample with key {sid!r} in train/ or val/")
+    sample = ds[ds.ids.index(sid)]
+    panels = [(m, render(m, x, standardized=True)) for m, x in sample.items() if m != "coords"]
+    save_sheet(out, panels, lines=[f"coords: {sample['coords']}"], max_size=max_size)
+    print(f"wrote {out}: {', '.join(p[0] for p in panels)}")
+
+
+def clear_world(out, overwrite: bool):
+    """synth writes into an empty folder; --overwrite removes the folders a world consists of (and nothing
+    else), so that no tile of an earlier world (another size, another count) stays beside the new ones."""
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"--out {out}: the folder is not empty; choose a new folder, or pass --overwrite to "
+                         f"replace the world in it")
+    for name in list(MODALITIES) + ["label_water", "splits", *SPLITS]:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -659,9 +753,14 @@ def main():
     p = sub.add_parser("synth", help="write a synthetic TerraMesh-like world")
     p.add_argument("--out", default="data/synth", help="output folder (TerraMesh layout)")
     p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
-    p.add_argument("--size", type=multiple_of(PATCH), default=64, help="tile size in pixels (10 m each)")
+    p.add_argument("--size", type=positive_int, default=64, help="tile size in pixels (10 m each); a multiple of "
+                   f"{PATCH}, or of {PATCH} plus 8 with --layout shards (TerraMesh: 264)")
+    p.add_argument("--layout", choices=["tiff", "shards"], default="tiff", help="GeoTIFF folders, or the published "
+                   "layout: {train,val}/<MOD>/*.tar of zarr.zip samples, no captions")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="world seed; a sample depends only on (seed, index)")
     p.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores, at most 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace the world in a non-empty --out (its modality, "
+                   "label_water and splits folders are removed first)")
     p = sub.add_parser("stats", help="per-band mean/std of a dataset next to the official constants")
     p.add_argument("--root", required=True, help="TerraMesh-layout folder")
     p.add_argument("--limit", type=positive_int, default=None, help="read at most this many files per modality")
@@ -673,8 +772,14 @@ def main():
     args = parser.parse_args()
     if args.command == "synth":
         t0 = time.time()
-        from synthetic import synthesize   # the synthetic world builds on this file's table and writers
-        synthesize(args.out, args.n, args.size, args.seed, args.workers)
+        from synthetic import synthesize, synthesize_shards   # the synthetic world builds on this file's table
+        if args.size % PATCH and (args.layout == "tiff" or (args.size - 8) % PATCH):
+            parser.error(f"--size {args.size}: tiles are a multiple of {PATCH} px (shards: {PATCH} k + 8, e.g. 264)")
+        clear_world(args.out, args.overwrite)
+        if args.layout == "shards":
+            synthesize_shards(args.out, args.n, args.size, args.seed, args.workers)
+        else:
+            synthesize(args.out, args.n, args.size, args.seed, args.workers)
         print(f"wrote {args.n} samples of {args.size}x{args.size} to {args.out} in {time.time() - t0:.1f} s")
     elif args.command == "stats":
         print(f"{'modality':8s} {'band':16s} {'mean':>10s} {'std':>10s} | {'official mean':>13s} "

