@@ -545,10 +545,11 @@ def train(args):
     warmup = math.ceil(run.warmup * steps)
     args.eval_every = args.eval_every or max(1, min(1000, steps // 8))
 
+    names = ("train/", "val/") if is_shard_root(args.data) else ("splits/train.txt", "splits/val.txt")
     train_set = PretrainData(args.data, "train", shards, text, masking, run.tile, run.seed, shuffle=True)
     val_set = PretrainData(args.data, "val", shards, text, masking, run.tile, run.seed, shuffle=False)
     if len(train_set) < total:
-        raise ValueError(f"{args.data}/splits/train.txt: {len(train_set)} samples, fewer than one step of {total}")
+        raise ValueError(f"{args.data}/{names[0]}: {len(train_set)} samples, fewer than one step of {total}")
     n_val = min(len(val_set), args.eval_samples)
     val_positions = list(range(n_val))[rank::world]
     kw = dict(num_workers=args.workers, pin_memory=device.type == "cuda", collate_fn=default_collate)
@@ -610,7 +611,7 @@ def train(args):
             row = {"step": step, "val": val, "val_loss": sum(val.values()) / len(val)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            tqdm.write(f"validation at step {step}, {n_val} samples of {args.data}/splits/val.txt "
+            tqdm.write(f"validation at step {step}, {n_val} samples of {args.data}/{names[1]} "
                        f"(cross-entropy, nats):\n" + val_table(val, config, f"{run.size} step {step}"))
         return val
 
@@ -671,7 +672,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=list(PRESETS), help="model preset (terramind.py; default smoke)")
-    p.add_argument("--data", required=True, help="TerraMesh-layout folder with splits/{train,val}.txt")
+    p.add_argument("--data", required=True, help="TerraMesh-layout folder with splits/{train,val}.txt, or the "
+                   "published layout ({train,val}/<MOD>/*.tar)")
     p.add_argument("--tokens", default="tokens", help="token shards folder (fsq_tokenizer.py tokenize); a modality "
                                                        "without shards is left out")
     p.add_argument("--text-tokenizer", help=f"WordPiece JSON for captions and coords (default: {OFFICIAL_VOCAB})")
