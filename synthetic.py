@@ -8,8 +8,8 @@ from that one scene. Samples are written in the TerraMesh layout that terramesh.
 
     python terramesh.py synth --out data/synth --n 2000 --size 64      # 2000 tiles of 64 px (CPU, seconds)
 
-`synth_sample(seed, i, size)` returns one sample as arrays laid out as in TerraMesh files; `synthesize(out, n, size)`
-writes n of them plus splits/{train,val,test}.txt. `synthesize(..., layout="shards")` writes the same world as
+`synth_sample(seed, i, size)` returns one sample as arrays laid out as in TerraMesh files;
+`synthesize(out, n, size)` writes n of them plus splits/{train,val,test}.txt. `synthesize(..., layout="shards")` writes the same world as
 TerraMesh is published: `<out>/{train,val}/<MODALITY>/<subset>_shard_<NNNNNN>.tar` of `<id>.zarr.zip` samples
 (terramesh_shards.py), no captions, S1RTC only in the majortom shards and S1GRD only in the ssl4eos12 ones:
 

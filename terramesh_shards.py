@@ -115,7 +115,8 @@ def read_member(shard, name: str, offset: int, size: int) -> bytes:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
-        raise ValueError(f"{shard}: member {name} is truncated ({len(data)} of {size} bytes); re-download the shard")
+        raise ValueError(f"{shard}: member {name} is truncated ({len(data)} of {size} bytes); "
+                         f"re-download the shard")
     return data
 
 

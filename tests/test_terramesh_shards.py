@@ -76,7 +76,8 @@ def test_fixtures_cover_the_decoding_paths():
 
 
 def test_zstd_is_a_clear_error_without_numcodecs(shard, hand_written):
-    with pytest.raises(ValueError, match=r"codecs.tar, member zstd_bitshuffle, array bands.*blosc-zstd.*numcodecs"):
+    message = r"codecs.tar, member zstd_bitshuffle, array bands.*blosc-zstd.*numcodecs"
+    with pytest.raises(ValueError, match=message):
         group(shard, "zstd_bitshuffle").read("bands")
 
 
@@ -94,7 +95,8 @@ def test_read_sample(shard, hand_written):
     expected = np.load(FIXTURES / "expected.npz")
     np.testing.assert_array_equal(sample["bands"], expected["lz4_shuffle/bands"])
     np.testing.assert_array_equal(sample["cloud_mask"], expected["lz4_shuffle/cloud_mask"])
-    assert (sample["center_lat"], sample["center_lon"], sample["time"]) == (47.125, -3.5, 1_561_000_000_000_000_000)
+    scalars = (sample["center_lat"], sample["center_lon"], sample["time"])
+    assert scalars == (47.125, -3.5, 1_561_000_000_000_000_000)
 
 
 # ---------------------------------------------------------------------------------------------------------
