@@ -59,7 +59,7 @@ from pangaea_datasets import read_sen1floods11
 from scene import Progress, Raster, TiledWriter, open_scene, summary
 from terramesh import (LULC_CLASSES, MODALITIES, PATCH, WATER, TerraMeshDataset, destandardize, format_coords,
                        is_shard_root, modality, parse_coords, read_input, render, save_sheet, standardize,
-                       write_geotiff, write_text)
+                       whole_patches, write_geotiff, write_text)
 from terramind import Encoded, TerraMind, checkpoint_file, entry_kind
 from text_tokenizer import EOS_ID, OFFICIAL_VOCAB, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
 
@@ -793,7 +793,8 @@ def run_eval(args):
         split = args.split if (root / "splits").is_dir() or is_shard_root(root) else None   # published: train/val
         ds = TerraMeshDataset(root, split=split, size=None,
                               labels=args.labels if (root / args.labels).is_dir() else None)
-        sets.append((root.name, [ds[i] for i in tqdm(range(min(args.n, len(ds))), desc="read", leave=False)],
+        n = min(args.n, len(ds))      # whole patches: TerraMesh's 264 px tiles -> the centred 256 px
+        sets.append((root.name, [whole_patches(ds[i]) for i in tqdm(range(n), desc="read", leave=False)],
                      args.pairs))
     if args.sen1floods11:   # whole 512 px chips through the windowed generator
         sets.append(("Sen1Floods11", read_sen1floods11(args.sen1floods11, args.labels),

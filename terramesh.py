@@ -320,6 +320,16 @@ def token_window(n: int) -> tuple[int, int]:
     return (n - length) // 2, length
 
 
+def whole_patches(sample: dict) -> dict:
+    """A sample dict with every image cut to its token window (`token_window`): 264 px tiles -> 256 px."""
+    out = dict(sample)
+    for m, x in sample.items():
+        if not isinstance(x, str):
+            (top, h), (left, w) = token_window(x.shape[-2]), token_window(x.shape[-1])
+            out[m] = x[..., top:top + h, left:left + w]
+    return out
+
+
 def format_coords(lon: float, lat: float) -> str:
     """(lon, lat) -> 'lat=35.75 lon=-89.00' on the official 0.25 degree grid (never '-0.00')."""
     lat, lon = round(lat * 4) / 4 + 0.0, round(lon * 4) / 4 + 0.0

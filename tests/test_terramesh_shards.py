@@ -349,6 +349,9 @@ def test_tokenizer_crops_and_token_window():
     assert tm.token_window(264) == (4, 256) and tm.token_window(224) == (0, 224) and tm.token_window(72) == (4, 64)
     x = torch.arange(2 * 264 * 264).view(2, 1, 264, 264)
     assert torch.equal(fsq_tokenizer.token_window(x), x[..., 4:260, 4:260])
+    cut = tm.whole_patches({"S2L2A": x[0], "LULC": x[0, 0], "coords": "lat=1.00 lon=2.00"})
+    assert torch.equal(cut["S2L2A"], x[0, :, 4:260, 4:260]) and cut["LULC"].shape == (256, 256)
+    assert cut["coords"] == "lat=1.00 lon=2.00"
     torch.manual_seed(0)
     sides = set()
     for _ in range(40):
