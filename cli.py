@@ -1,6 +1,6 @@
 """
 What every command shares at its edge: argparse types that refuse a meaningless number before any work is
-spent, and `run`, which turns a refused input into one line on stderr instead of a traceback.
+spent, and `run_main`, which turns a refused input into one line on stderr instead of a traceback.
 
 It imports nothing from the project (the lowest module of the import graph), so every script can use it:
 
@@ -8,10 +8,10 @@ It imports nothing from the project (the lowest module of the import graph), so 
     p.add_argument("--warmup", type=fraction, help="warmup share of the steps")
     ...
     if __name__ == "__main__":
-        run(main)
+        run_main(main)
 
 A stage refuses bad input by raising ValueError, OSError or KeyError with a message that names the file or
-flag, what is wrong and what to do; `run` prints `error: <message>` and exits with status 1.
+flag, what is wrong and what to do; `run_main` prints `error: <message>` and exits with status 1.
 `TERRAMIND_TRACEBACK=1` shows the full traceback instead (for debugging the code itself).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,6 +85,29 @@ def decay(text: str) -> float:
     return value
 
 
+def multiple_of(step: int):
+    """The argparse type of a positive integer that is a multiple of `step` (tile sides: whole patches)."""
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value % step:
+            raise argparse.ArgumentTypeError(f"{value} is not a multiple of {step} (whole {step} px patches)")
+        return value
+    return parse
+
+
+def writable_folder(path, flag: str = "--out") -> Path:
+    """Creates the output folder if needed and proves it writable now, before any work is spent."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write there ({e.strerror}); choose another folder") from None
+    return folder
+
+
 def one_line(error: BaseException) -> str:
     """The message of a refused input, one line. A DataLoader worker's error carries the worker's traceback
     in its text: its last line is the original message."""
@@ -96,7 +120,7 @@ def one_line(error: BaseException) -> str:
     return last[len(name):] if last.startswith(name) else last
 
 
-def run(main, *args):
+def run_main(main, *args):
     """Calls main(*args); a ValueError, OSError, KeyError or TrainingDiverged ends the process with one line
     on stderr and exit status 1 (TERRAMIND_TRACEBACK=1: the traceback)."""
     try:

@@ -40,9 +40,10 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
+from cli import TrainingDiverged, fraction, multiple_of, nonnegative_int, positive_int, run_main, writable_folder
 from pangaea_datasets import OPTICAL, READERS, SAR, ImageFolder, TerraMeshLabels, band_codes, write_class_folders
 from pictures import save_sheet
-from terramesh import LULC_COLORS, MODALITIES, render, save_safetensors, write_text
+from terramesh import LULC_COLORS, MODALITIES, PATCH, render, save_safetensors, write_text
 
 # -----------------------------------------------------------------------------------------------------------
 # Input pipeline: bands by name, the dataset's standardization, crops (PANGAEA pangaea/engine/data_preprocessor.py)
@@ -330,6 +331,9 @@ def train_segmentation(model, train: SegmentationData, val: SegmentationData, ep
             x, y = {e: v.to(device) for e, v in x.items()}, y.to(device)
             logits = model(x, y.shape[-2:])
             loss = dice_loss(logits, y, r.ignore_index) if r.binary else ce(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}: loss {loss.item()}: training stopped, "
+                                       f"nothing written; check the inputs of {r.name} or lower the learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -434,6 +438,7 @@ def write_json(path, obj):
 
 
 def run_seg(args):
+    writable_folder(args.out)   # before training: a folder it cannot write to would lose every epoch
     torch.manual_seed(args.seed)
     mods = args.modalities.split(",")
     if args.dataset == "terramesh":
@@ -477,6 +482,8 @@ def run_seg(args):
 
 
 def run_fewshot(args):
+    if args.out:
+        writable_folder(args.out)
     torch.manual_seed(args.seed)
     root, bands = Path(args.root), args.bands and args.bands.split(",")
     split = (root / "train").is_dir() and (root / "test").is_dir()
@@ -510,34 +517,35 @@ def main():
         q.add_argument("--official", default=None, help="official weights, e.g. TerraMind_v1_base.pt (with --size)")
         q.add_argument("--size", default="smoke", help="model size of --official, or of a random init")
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-        q.add_argument("--seed", type=int, default=234, help="seed (PANGAEA: 234)")
+        q.add_argument("--seed", type=nonnegative_int, default=234, help="seed (PANGAEA: 234)")
     seg.add_argument("--dataset", required=True, choices=[*READERS, "terramesh"], help="on-disk format")
     seg.add_argument("--modalities", default="S2L2A,S1GRD", help="encoder inputs (PANGAEA's TerraMind: S2L2A,S1GRD)")
     seg.add_argument("--labels", default="label_water", help="terramesh: the label folder")
     seg.add_argument("--classes", default=None, help="terramesh: class names, comma-separated (default 0..max)")
     seg.add_argument("--layers", default=None, help="encoder blocks, e.g. 3,5,7,11 (default by depth)")
     seg.add_argument("--temporal", default="ltae", choices=["ltae", "linear"], help="multi-temporal mapping")
-    seg.add_argument("--crop", type=int, default=224, help="training crop and sliding window (official 224)")
-    seg.add_argument("--channels", type=int, default=512, help="UPerNet channels (official 512)")
-    seg.add_argument("--epochs", type=int, default=80, help="epochs (official 80)")
-    seg.add_argument("--batch-size", type=int, default=8, help="batch size (official 8)")
-    seg.add_argument("--replicate", type=int, default=1, help="repeat the train set N times per epoch")
-    seg.add_argument("--workers", type=int, default=4, help="data loader workers")
+    seg.add_argument("--crop", type=multiple_of(PATCH), default=224,
+                     help="training crop and sliding window (official 224)")
+    seg.add_argument("--channels", type=positive_int, default=512, help="UPerNet channels (official 512)")
+    seg.add_argument("--epochs", type=positive_int, default=80, help="epochs (official 80)")
+    seg.add_argument("--batch-size", type=positive_int, default=8, help="batch size (official 8)")
+    seg.add_argument("--replicate", type=positive_int, default=1, help="repeat the train set N times per epoch")
+    seg.add_argument("--workers", type=nonnegative_int, default=4, help="data loader workers")
     seg.add_argument("--out", default="runs/pangaea", help="output folder")
     few.add_argument("--modality", default="S2L1C", help="the TerraMind modality the images are fed as (default: "
                      "S2L1C, as the paper's Table 5)")
     few.add_argument("--bands", default=None, help="band codes of the files, in order (default: the modality's)")
-    few.add_argument("--ways", type=int, default=5, help="classes per run")
-    few.add_argument("--shots", type=int, default=1, help="support images per class")
-    few.add_argument("--runs", type=int, default=200, help="runs averaged (paper: 200)")
-    few.add_argument("--batch-size", type=int, default=64, help="images per encoder batch")
+    few.add_argument("--ways", type=positive_int, default=5, help="classes per run")
+    few.add_argument("--shots", type=positive_int, default=1, help="support images per class")
+    few.add_argument("--runs", type=positive_int, default=200, help="runs averaged (paper: 200)")
+    few.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder batch")
     few.add_argument("--out", default=None, help="folder for results.json (default: print only)")
     q = sub.add_parser("folders", help="dominant-LULC image folders from a TerraMesh-layout folder")
     q.add_argument("--root", required=True, help="TerraMesh-layout folder with LULC/ and splits/")
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--modality", default="S2L1C", help="the modality whose files are linked (default: S2L1C, the "
                    "few-shot input of the paper's Table 5)")
-    q.add_argument("--min-share", type=float, default=0.5, help="minimum share of the dominant class")
+    q.add_argument("--min-share", type=fraction, default=0.5, help="minimum share of the dominant class")
     q = sub.add_parser("table", help="results.json files -> paper Table 6 layout")
     q.add_argument("results", nargs="+", help="results.json files")
     args = p.parse_args()
@@ -557,4 +565,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

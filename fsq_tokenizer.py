@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import terramesh
 from cli import (TrainingDiverged, decay, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                 run_main)
+                 run_main, writable_folder)
 from diffusion_decoder import DiffusionDecoder
 from metrics import codebook_usage, physical, reconstruction_metrics
 from terramesh import TerraMeshDataset, expect_kind, load_safetensors, save_safetensors
@@ -446,6 +446,27 @@ def token_window(x: torch.Tensor) -> torch.Tensor:
     return x[..., top:top + h, left:left + w]
 
 
+class WithIds(torch.utils.data.Dataset):
+    """A TerraMeshDataset's samples with their ids, so that a batch that breaks training can be named."""
+
+    def __init__(self, ds: TerraMeshDataset):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "id": self.ds.ids[i]}
+
+
+def diverged(m, step, loss, norm, ids, data, state_path: Path) -> TrainingDiverged:
+    """The error of a step with a non-finite loss or gradient: nothing of it is applied or saved."""
+    last = f"{state_path} (step {read_header(state_path).get('step')})" if state_path.exists() else "none yet"
+    return TrainingDiverged(f"{m} tokenizer, step {step}: loss {loss:.4g}, gradient norm {norm:.4g}: training "
+                            f"stopped before this update; the batch's samples in {data}/{m}: {', '.join(ids)}; "
+                            f"check them with `python terramesh.py stats`; last good checkpoint: {last}")
+
+
 def train(args, m: str):
     ddp, rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0))
     device = args.device
@@ -467,8 +488,8 @@ def train(args, m: str):
         raise ValueError(f"{args.data}: {len(ds)} {m} training samples, fewer than one batch of {batch * world}")
     sampler = (torch.utils.data.DistributedSampler(ds, seed=args.seed) if ddp else
                torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed)))
-    loader = torch.utils.data.DataLoader(ds, batch, sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(WithIds(ds), batch, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, persistent_workers=args.workers > 0)
     model = ImageTokenizer(cfg).to(device)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.05},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]   # biases, norms
@@ -523,7 +544,9 @@ def train(args, m: str):
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)                  # official clip_grad 1.0
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)           # official clip_grad 1.0
+            if not torch.isfinite(loss) or (dtype != torch.float16 and not torch.isfinite(norm)):   # fp16: scaler
+                raise diverged(m, step + 1, loss.item(), norm.item(), sample["id"], args.data, state_path)
             scaler.step(opt)
             scaler.update()
             if ema is not None:
@@ -556,6 +579,15 @@ def batches(ds, m: str, batch_size: int, indices):
         yield torch.stack(items)
 
 
+def file_stamp(path) -> list | None:
+    """[size, modification time in ns] of a sample's file: a tile changed since its shard was written is
+    tokenized again (None for samples inside archives, whose shards are keyed by id and tokenizer only)."""
+    if not isinstance(path, Path) or not path.is_file():
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 @torch.no_grad()
 def tokenize(args):
     for m, tok in load_tokenizers(args.tokenizers, args.modalities, args.device).items():
@@ -565,14 +597,16 @@ def tokenize(args):
         for s in tqdm(range(0, len(ds), args.shard_size), desc=f"tokenize {m}", unit="shard"):
             path = Path(args.out) / m / f"shard_{s // args.shard_size:05d}.safetensors"
             ids = ds.ids[s:s + args.shard_size]
-            header = read_header(path)              # a shard is redone unless its ids and tokenizer match
-            if header.get("ids") == ids and header.get("tokenizer") == fp:
+            stamps = [file_stamp(ds.files[m].get(sid)) for sid in ids]
+            header = read_header(path)              # a shard is redone unless its ids, files and tokenizer match
+            if header.get("ids") == ids and header.get("tokenizer") == fp and header.get("files") == stamps:
                 done += 1
                 continue
             tokens = torch.cat([tok.encode(token_window(x).to(args.device)).cpu()
                                 for x in batches(ds, m, args.batch_size, range(s, s + len(ids)))])
             save_safetensors(path, {"tokens": tokens.to(torch.int16)},
-                             {"ids": ids, "modality": m, "vocab_size": tok.vocab_size, "tokenizer": fp})
+                             {"ids": ids, "modality": m, "vocab_size": tok.vocab_size, "tokenizer": fp,
+                              "files": stamps})
             written += 1
         print(f"{m}: {len(ds)} samples -> {Path(args.out) / m} ({written} shards written, {done} already done)")
 
@@ -687,6 +721,7 @@ def main():
                    help="x0 bounds to compare (0: unbounded)")
     p.add_argument("--pictures", type=nonnegative_int, default=4, help="number of picture sheets")
     args = parser.parse_args()
+    writable_folder(args.out)   # before any work
     if args.command == "train":
         for m in args.modality:
             train(args, m)

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
-                 positive_int, run_main)
+                 positive_int, run_main, writable_folder)
 from fsq_tokenizer import TokenShards, read_header
 from masking import MIXTURES, SCALES, Masking, cross_scale_overlap, parse_mixture
 from pictures import plot_curves
@@ -367,25 +367,23 @@ def setup_distributed(device: str):
 
 def train_step(net, model, opt, batches, accum, world, device, dtype, clip) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `accum` micro-batches from the iterator `batches` -> (stats, grad norm); stats
-    (float64, summed over micro-batches and ranks): [loss, per-target-entry loss sums, per-entry micro-batch
-    counts]. `net` is the model, compiled and/or DDP-wrapped."""
-    targets = model.config.targets
-    stats = torch.zeros(1 + 2 * len(targets), dtype=torch.float64, device=device)
+    (float64, summed over micro-batches and ranks): [loss, per-target-entry cross-entropy sums, per-entry target
+    counts]. `net` is the model, compiled and/or DDP-wrapped. No host sync: the model's static form
+    (`sums=True`) gives the per-entry sums as tensors."""
+    T = len(model.config.targets)
+    stats = torch.zeros(1 + 2 * T, dtype=torch.float64, device=device)
     for a in range(accum):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         sync = world == 1 or a == accum - 1
         with net.no_sync() if not sync else contextlib.nullcontext():   # DDP: all-reduce once per step
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss, losses = net(batch)
+                loss, sums = net(batch, sums=True)                                   # (), (2, T)
             # every parameter takes part (zero gradient where an entry had no tokens), as in 4M where each
             # modality's embedding runs every step; DDP then needs no unused-parameter search
             loss = loss + 0.0 * sum(p.view(-1)[:1].sum() for p in model.entry_parameters())
             (loss / accum).backward()
         stats[0] += loss.detach().double()
-        for j, e in enumerate(targets):
-            if e in losses:
-                stats[1 + j] += losses[e].detach().double()
-                stats[1 + len(targets) + j] += 1
+        stats[1:] += sums.detach().double().flatten()                               # T sums, then T counts
     if world > 1:
         dist.all_reduce(stats)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
@@ -513,7 +511,7 @@ def train(args):
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # leave the loader workers their cores: more threads than free cores stall every OpenMP barrier
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.workers))
-    out = Path(args.out)
+    out = writable_folder(args.out) if rank == 0 else Path(args.out)
     for stale in temp_files(out) if rank == 0 and out.is_dir() else []:
         stale.unlink()
         log(f"removed {stale}: a temporary file of an interrupted save")
@@ -570,7 +568,7 @@ def train(args):
         if state[3]["position"] != step * total:   # the data stream resumes at sample step x total
             raise ValueError(f"{path}: data position {state[3]['position']} is not step {step} x {total} samples")
         log(f"resumed at step {step}: model, AdamW moments, RNG and data position {step * total} restored")
-    net = model.compile_blocks() if args.compile else model   # the slot gathers and losses stay eager
+    net = torch.compile(model, fullgraph=True) if args.compile else model   # the whole step: one graph
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, [device] if device.type == "cuda" else None)
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -706,7 +704,7 @@ def main():
                    "larger tiles are cropped, the same window for pixels and tokens)")
     p.add_argument("--seed", type=nonnegative_int, help="seed of the init, sample order, crops and masks (default 0)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="autocast (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's training step (fullgraph)")
     p.add_argument("--workers", type=nonnegative_int,
                    help="DataLoader worker processes per process (default: 1 on CPU, 6 on GPU)")
     p.add_argument("--log-every", type=positive_int, default=10, help="steps between log lines")

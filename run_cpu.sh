@@ -26,7 +26,7 @@ stage() { echo; echo "== $1 ($SECONDS s)"; }
 took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 
 stage "1/8 data: the synthetic TerraMesh world, $N tiles of 64 px"
-$PY terramesh.py synth --out "$DATA" --n "$N" --size 64
+$PY terramesh.py synth --out "$DATA" --n "$N" --size 64 --overwrite
 $PY terramesh.py show --root "$DATA" --id 00005 --out "$OUT/sample.png"
 took data
 

@@ -42,7 +42,7 @@ took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 stage "1/8 data"
 if [ -z "$DATA" ]; then
     DATA=$OUT/data
-    $PY terramesh.py synth --out "$DATA" --n "$N" --size "$TILE"
+    $PY terramesh.py synth --out "$DATA" --n "$N" --size "$TILE" --overwrite
 fi
 $PY terramesh.py stats --root "$DATA" --limit 500
 took data

@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli import positive_int, run_main
 from cpu_linear import Linear, linear
-from terramesh import MODALITIES, PATCH, load_safetensors, save_safetensors
+from terramesh import MODALITIES, PATCH, expect_kind, load_safetensors, save_safetensors
 
 # -----------------------------------------------------------------------------------------------------------
 # Entries: what the model reads and predicts, derived from the modality table
@@ -72,6 +73,7 @@ ENTRY_INDEX = {e: i for i, e in enumerate(ENTRIES)}
 PAD = 0                                       # WordPiece [PAD]; sequence positions holding it are not inputs
 CHECKPOINT = "terramind.safetensors"         # the model file of a checkpoint folder (pretrain.py, release.py)
 SEQ_POSITIONS = 512                           # official: 1D sin-cos table of 512 positions (tm_utils.py)
+HEAD_CHUNK = 1024                             # rows per output-head chunk of TerraMind.heads_static
 
 
 def checkpoint_file(path) -> Path:
@@ -318,6 +320,13 @@ class TerraMind(nn.Module):
         self.register_buffer("pos_seq", sincos_1d(SEQ_POSITIONS, D), persistent=False)  # (512, D)
         is_seq = torch.tensor([entry_kind(e) == "sequence" for e in ENTRIES] + [False])
         self.register_buffer("entry_is_seq", is_seq, persistent=False)  # index -1 = padding
+        number = [c.targets.index(e) if e in c.targets else len(c.targets) for e in ENTRIES]
+        self.register_buffer("target_number", torch.tensor(number + [len(c.targets)]), persistent=False)  # -1 -> T
+        vocab = [c.vocab_size(e) for e in c.targets]
+        outside = torch.arange(max(vocab, default=1))[None] >= torch.tensor(vocab, dtype=torch.long)[:, None]
+        bias = torch.zeros(outside.shape).masked_fill(outside, float("-inf"))
+        self.register_buffer("head_bias", bias, persistent=False)                   # (T, V) -inf past each vocabulary
+        self.static_heads = None   # None: see uses_static_heads; True/False forces one path (tests)
         self.init_weights()
 
     def _table(self, e):  # official: sequence tables have padding_idx 0
@@ -348,50 +357,62 @@ class TerraMind(nn.Module):
         return resize_positions(self.pos_image, h, w)                                # (h*w, D)
 
     def embed_inputs(self, data: dict, mod: torch.Tensor, pos: torch.Tensor):
-        """Encoder slots -> content x and position+modality emb, both (B, N, D); padding slots stay 0."""
+        """Encoder slots -> content x and position+modality emb, both (B, N, D); padding slots stay 0.
+        Fixed shapes: every input entry in `data` is looked up at every slot and kept where mod names it."""
         B, N = mod.shape
         x = self.mask_token.new_zeros(B, N, self.config.dim)
         emb = torch.zeros_like(x)
         for e in self.config.inputs:
-            sel = mod == ENTRY_INDEX[e]                                              # (B, N)
-            b, n = sel.nonzero(as_tuple=True)
-            if len(b) == 0:
+            if e not in data:
                 continue
-            t, p, kind = data[e], pos[b, n], entry_kind(e)
-            if kind == "pixels":  # gather only the selected 16x16 patches, features (row, col, channel)
-                _, C, H, W = t.shape
-                h, w = H // PATCH, W // PATCH
-                patches = t.reshape(B, C, h, PATCH, w, PATCH)[b, :, p // w, :, p % w]  # (K, C, P, P)
-                proj = self.patch_proj[e](patches.permute(0, 2, 3, 1).reshape(len(b), -1))  # (K, D)
-                x[b, n] = proj.to(x.dtype)                                           # bf16 under autocast
-                pe = self.image_positions(h, w)[p]
-            elif kind == "tokens":
-                x[b, n] = self.input_emb[e](t.flatten(1)[b, p])
-                pe = self.image_positions(*t.shape[-2:])[p]
-            else:  # position = rank among the visible tokens of this sequence (official cumsum)
-                x[b, n] = self.input_emb[e](t[b, p])
-                pe = self.pos_seq[(sel.cumsum(1) - 1)[b, n]]
-            emb[b, n] = pe + self.mod_emb[e]
+            sel = (mod == ENTRY_INDEX[e])[..., None]                                  # (B, N, 1)
+            content, pe = self._embed_input(e, data[e], pos, sel[..., 0])
+            x = torch.where(sel, content.to(x.dtype), x)                             # bf16 under autocast
+            emb = torch.where(sel, pe + self.mod_emb[e], emb)
         return x, emb
+
+    def _embed_input(self, e: str, t: torch.Tensor, pos: torch.Tensor, sel: torch.Tensor):
+        """Content and position embedding (B, N, D) of entry e at every slot, as if every slot held e."""
+        kind = entry_kind(e)
+        if kind == "pixels":  # project every 16x16 patch, features (row, col, channel), then gather the slots
+            B, C, H, W = t.shape
+            h, w = H // PATCH, W // PATCH
+            p = pos.clamp(0, h * w - 1)                                              # (B, N)
+            patches = t.reshape(B, C, h, PATCH, w, PATCH).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, P, P, C)
+            proj = self.patch_proj[e](patches.reshape(B, h * w, -1))                 # (B, h*w, D)
+            content = proj.gather(1, p[..., None].expand(-1, -1, proj.shape[-1]))   # (B, N, D)
+            return content, self.image_positions(h, w)[p]
+        if kind == "tokens":
+            p = pos.clamp(0, t[0].numel() - 1)
+            return self.input_emb[e](t.flatten(1).gather(1, p)), self.image_positions(*t.shape[-2:])[p]
+        # sequence: position = rank among the visible tokens of this sequence (official cumsum)
+        p = pos.clamp(0, t.shape[1] - 1)
+        rank = (sel.cumsum(1) - 1).clamp(min=0)                                      # (B, N)
+        return self.input_emb[e](t.gather(1, p)), self.pos_seq[rank]
 
     def embed_targets(self, data: dict, mod: torch.Tensor, pos: torch.Tensor):
         """Decoder slots -> queries (B, N, D) and target ids (B, N). Image targets: mask token + position;
-        sequences: teacher forcing, the query reads token pos and predicts token pos + 1 (official)."""
+        sequences: teacher forcing, the query reads token pos and predicts token pos + 1 (official).
+        Fixed shapes, as embed_inputs."""
         B, N = mod.shape
         y = self.mask_token.new_zeros(B, N, self.config.dim)
         ids = torch.zeros(B, N, dtype=torch.long, device=mod.device)
         for e in self.config.targets:
-            sel = mod == ENTRY_INDEX[e]
-            b, n = sel.nonzero(as_tuple=True)
-            if len(b) == 0:
+            if e not in data:
                 continue
-            t, p = data[e], pos[b, n]
+            sel = mod == ENTRY_INDEX[e]                                              # (B, N)
+            t = data[e]
             if entry_kind(e) == "tokens":
-                ids[b, n] = t.flatten(1)[b, p]
-                y[b, n] = self.mask_token + (self.image_positions(*t.shape[-2:])[p] + self.mod_emb[e])
+                p = pos.clamp(0, t[0].numel() - 1)
+                target = t.flatten(1).gather(1, p)
+                query = self.mask_token + (self.image_positions(*t.shape[-2:])[p] + self.mod_emb[e])
             else:
-                ids[b, n] = t[b, p + 1]
-                y[b, n] = self.target_emb[e](t[b, p]) + (self.pos_seq[(sel.cumsum(1) - 1)[b, n]] + self.mod_emb[e])
+                p = pos.clamp(0, t.shape[1] - 2)
+                rank = (sel.cumsum(1) - 1).clamp(min=0)                              # (B, N)
+                target = t.gather(1, p + 1)
+                query = self.target_emb[e](t.gather(1, p)) + (self.pos_seq[rank] + self.mod_emb[e])
+            ids = torch.where(sel, target, ids)
+            y = torch.where(sel[..., None], query, y)
         return y, ids
 
     # ---- transformer ---------------------------------------------------------------------------------------
@@ -417,32 +438,100 @@ class TerraMind(nn.Module):
             y = blk(y, context, self_mask, cross_mask)
         return self.decoder_norm(y)
 
-    def forward(self, batch: dict):
-        """Pretraining step on a masking.py batch -> (mean over target entries of their cross-entropy,
-        {entry: cross-entropy}) (paper eq. 2; entries without targets in the batch are left out)."""
+    def forward(self, batch: dict, sums: bool = False):
+        """Pretraining step on a masking.py batch -> (loss, {entry: cross-entropy}): the loss is the mean over
+        the target entries that have targets of their mean cross-entropy (paper eq. 2); entries without
+        targets are left out of the dict (listing them is one host sync). sums=True returns (loss, (2, T))
+        instead: per target entry (config.targets order) the cross-entropy sum and the target count, every
+        shape fixed by the batch's shapes alone, no host sync: the form the compiled step uses."""
         in_mod, in_pos = batch["input_mod"], batch["input_pos"]                      # (B, N_in)
         tg_mod, tg_pos = batch["target_mod"], batch["target_pos"]                    # (B, N_tgt)
-        self._check_slots(in_mod, self.config.inputs, "input")
-        self._check_slots(tg_mod, self.config.targets, "target")
+        static = self.uses_static_heads(in_mod)
+        if not static:  # cheap on CPU; the static path has nothing to sync on
+            self._check_slots(in_mod, self.config.inputs, "input")
+            self._check_slots(tg_mod, self.config.targets, "target")
         x, emb = self.embed_inputs(batch, in_mod, in_pos)                            # (B, N_in, D)
-        pad = in_mod < 0
-        pad = pad if bool(pad.any()) else None
+        pad = in_mod < 0                                                             # (B, N_in)
+        if not static and not bool(pad.any()):
+            pad = None   # CPU eager: SDPA without a mask is faster
         context, _ = self.forward_encoder(x + emb, pad)
         y, ids = self.embed_targets(batch, tg_mod, tg_pos)                           # (B, N_tgt, D), (B, N_tgt)
-        # decoder self-attention: within one entry only (official sep mask), causal for sequences
-        same = tg_mod[:, :, None] == tg_mod[:, None, :]                              # (B, N, N)
-        later = torch.ones_like(same[0]).triu(1)                                     # (N, N) j > i
-        self_mask = same & ~(self.entry_is_seq[tg_mod][:, :, None] & later)
-        y = self.forward_decoder(y, Encoded({}, {}, {}, context, emb, pad), self_mask[:, None])
-        losses = {}
-        for e in self.config.targets:
-            sel = tg_mod == ENTRY_INDEX[e]
-            if bool(sel.any()):
-                logits = linear(y[sel], self.target_emb[e].weight)                   # (K, V)
-                losses[e] = F.cross_entropy(logits, ids[sel])
-        if not losses:
+        y = self.forward_decoder(y, Encoded({}, {}, {}, context, emb, pad), self.decoder_self_mask(tg_mod))
+        heads = self.heads_static if static else self.heads_dense
+        ce, count = heads(y, ids, tg_mod)                                            # (T,), (T,)
+        present = count > 0
+        loss = (ce / count.clamp(min=1)).sum() / present.sum()   # absent entries: ce = 0, not counted
+        if sums:
+            return loss, torch.stack([ce, count.to(ce.dtype)])                      # (2, T)
+        counts = count.tolist()
+        if not any(counts):
             raise ValueError("batch has no target slots (all target_mod are -1)")
-        return sum(losses.values()) / len(losses), losses
+        return loss, {e: ce[j] / n for j, (e, n) in enumerate(zip(self.config.targets, counts)) if n}
+
+    def decoder_self_mask(self, mod: torch.Tensor) -> torch.Tensor:
+        """(B, 1, N, N) True = attend: within one entry only (official sep mask), causal for sequences."""
+        same = mod[:, :, None] == mod[:, None, :]                                    # (B, N, N)
+        later = torch.ones_like(same[0]).triu(1)                                     # (N, N) j > i
+        return (same & ~(self.entry_is_seq[mod][:, :, None] & later))[:, None]
+
+    def uses_static_heads(self, x: torch.Tensor) -> bool:
+        """`static_heads` when set, else: dense heads in CPU eager mode, static ones everywhere else."""
+        if self.static_heads is not None:
+            return self.static_heads
+        return not x.is_cpu or torch.compiler.is_compiling()
+
+    def heads_dense(self, y, ids, mod):
+        """Cross-entropy sum and target count per target entry (T,): each entry's head on its own rows, picked
+        by boolean selection (shapes follow the masks; host syncs). Exact work: the CPU eager path."""
+        ce, count = [], []
+        for e in self.config.targets:
+            sel = mod == ENTRY_INDEX[e]                                              # (B, N)
+            count.append(sel.sum())
+            if not bool(count[-1]):   # no head call: the entry's table stays without gradient
+                ce.append(torch.zeros((), device=y.device))
+                continue
+            logits = linear(y[sel], self.target_emb[e].weight)                       # (K, V_e)
+            ce.append(F.cross_entropy(logits, ids[sel], reduction="sum"))
+        return torch.stack(ce), torch.stack(count)
+
+    def heads_static(self, y, ids, mod):
+        """heads_dense with fixed shapes. The R = B * N target rows are dispatched, entry by entry, into K chunks
+        of `chunk` rows that each hold a single entry (K = R // chunk + T covers any split of R rows over T
+        entries); chunk k goes through its entry's head, padded to the largest vocabulary V (padded logits
+        -inf). Extra work over dense: the empty chunk rows and the vocabulary padding."""
+        T, D = len(self.config.targets), y.shape[-1]
+        g = self.target_number[mod].flatten()                                        # (R,) T = padding slot
+        R = g.shape[0]
+        chunk = max(16, min(HEAD_CHUNK, R // (4 * T)))
+        K = R // chunk + T
+        one_hot = g[:, None] == torch.arange(T, device=g.device)                    # (R, T)
+        count = one_hot.sum(0)                                                       # (T,)
+        entry = g.clamp(max=T - 1)                                                   # (R,) padding: any entry
+        rank = (one_hot.cumsum(0) - 1).gather(1, entry[:, None])[:, 0]              # (R,) row's rank in its entry
+        n_chunks = (count + chunk - 1) // chunk                                      # (T,)
+        first = n_chunks.cumsum(0) - n_chunks                                        # (T,) first chunk per entry
+        dest = torch.where(g < T, first[entry] * chunk + rank, K * chunk)           # (R,) padding -> spare row
+        rows = torch.arange(R, device=g.device)
+        src = torch.full((K * chunk + 1,), R, device=g.device).scatter(0, dest, rows)[:-1]  # (K*chunk,) R = empty
+        y_rows = torch.cat([y.reshape(R, D), y.new_zeros(1, D)])[src]               # (K*chunk, D)
+        id_rows = torch.cat([ids.flatten(), ids.new_zeros(1)])[src]                 # (K*chunk,)
+        chunk_entry = (torch.arange(K, device=g.device)[:, None] >= n_chunks.cumsum(0)).sum(1).clamp(max=T - 1)
+        weights = self.stacked_heads(y)[chunk_entry]                                 # (K, V, D)
+        outside = self.head_bias[chunk_entry][:, None]                               # (K, 1, V) -inf past V_e
+        logits = torch.baddbmm(outside, y_rows.view(K, chunk, D), weights.transpose(1, 2))  # (K, chunk, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), id_rows, reduction="none")      # (K*chunk,)
+        ce = (ce * (src < R)).view(K, chunk).sum(1)                                  # (K,) empty rows count 0
+        return torch.zeros(T, device=y.device).index_add(0, chunk_entry, ce), count
+
+    def stacked_heads(self, like: torch.Tensor) -> torch.Tensor:
+        """The output heads (T, V, D), zero rows past each vocabulary; in the autocast dtype when autocast is on
+        (cast before the per-chunk gather, which then moves half the bytes)."""
+        V = self.head_bias.shape[1]
+        heads = [self.target_emb[e].weight for e in self.config.targets]
+        stacked = torch.stack([F.pad(w, (0, 0, 0, V - w.shape[0])) for w in heads])  # (T, V, D)
+        if torch.is_autocast_enabled(like.device.type):
+            return stacked.to(torch.get_autocast_dtype(like.device.type))
+        return stacked
 
     def entry_parameters(self) -> list:
         """The parameters of single entries (patch projections, token tables and heads, modality embeddings)
@@ -559,8 +648,7 @@ class TerraMind(nn.Module):
         """`path`: a checkpoint file or a checkpoint folder (its terramind.safetensors)."""
         path = checkpoint_file(path)
         tensors, meta = load_safetensors(path, device)
-        if "config" not in meta:
-            raise ValueError(f"{path}: no model config in the checkpoint metadata")
+        expect_kind(path, meta, "TerraMind model")
         model = cls(TerraMindConfig(**meta["config"])).to(device)
         missing, unexpected = model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
@@ -584,8 +672,8 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="parameter count and training FLOPs per token of a preset")
     info.add_argument("--size", default="tiny", help="preset: " + ", ".join(PRESETS))
-    info.add_argument("--n-in", type=int, default=256, help="input tokens per sample (for the FLOP count)")
-    info.add_argument("--n-tgt", type=int, default=256, help="target tokens per sample (for the FLOP count)")
+    info.add_argument("--n-in", type=positive_int, default=256, help="input tokens per sample (for the FLOP count)")
+    info.add_argument("--n-tgt", type=positive_int, default=256, help="target tokens per sample (for the FLOP count)")
     conv = sub.add_parser("convert", help="official TerraMind_v1_<size>.pt -> our safetensors checkpoint")
     conv.add_argument("--official", required=True, help="path of the official state dict (.pt)")
     conv.add_argument("--size", required=True, help="preset the official file belongs to (tiny/small/base/large)")
@@ -605,4 +693,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

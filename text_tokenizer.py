@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from cli import positive_int, run_main
 from terramesh import format_coords, parse_coords, write_text
 
 # -----------------------------------------------------------------------------------------------------------
@@ -478,7 +479,7 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="learn a WordPiece vocabulary keeping the official added-token ids")
     p.add_argument("--corpus", nargs="+", required=True, help="caption files (one per line) or folders of *.txt")
-    p.add_argument("--vocab-size", type=int, default=30_000, help="largest vocabulary (official: 30000)")
+    p.add_argument("--vocab-size", type=positive_int, default=30_000, help="largest vocabulary (official: 30000)")
     p.add_argument("--out", required=True, help="tokenizer JSON to write (Hugging Face `tokenizers` format)")
     p = sub.add_parser("encode", help="print the ids and pieces of a text")
     p.add_argument("--tokenizer", default=str(OFFICIAL_VOCAB),
@@ -503,4 +504,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
-                 positive_int, run_main)
+                 positive_int, run_main, writable_folder)
 from eval_pangaea import (UPerNet, confusion_matrix, default_layers, save_prediction, segmentation_scores,
                           sliding_inference, window_starts, write_json)
 from generate import Sampling, generate_tokens
@@ -317,8 +318,7 @@ def load_state(path, model, opt, sched, tim_rng, device) -> dict:
 
 def train(args):
     torch.manual_seed(args.seed)
-    dev, out = args.device, Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    dev, out = args.device, writable_folder(args.out)
     rs = readers(args)
     r = rs["train"]
     names = [str(k).lower() for k in r.classes]
@@ -378,6 +378,11 @@ def train(args):
                 tokens = tim_tokens(model, x, [("train", *k) for k in key.tolist()], cache, tim_rng)
                 t_tim += time.time() - t0
                 loss = loss_fn(model(x, tokens).float(), y)
+            if not torch.isfinite(loss):   # nothing of this epoch is saved; model.safetensors stays the best
+                samples = ", ".join(str(r.items[i]) for i in key[:, 0].tolist())
+                raise TrainingDiverged(f"epoch {epoch + 1}, step {step + 1}: loss {loss.item()}: training stopped; "
+                                       f"the batch's samples of {r.name}: {samples}; last good checkpoint: "
+                                       f"{state if start or epoch else 'none yet'}")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -389,6 +394,9 @@ def train(args):
                            f"{dt * 1e3:.0f} ms | {len(y) / dt:.1f} img/s")
         val = evaluate(model, data["val"], "val", cache, autocast, tim_rng)
         sched.step(val["loss"])
+        if not math.isfinite(val["loss"]):   # never saved as the best model
+            raise TrainingDiverged(f"epoch {epoch + 1}: validation loss {val['loss']}: training stopped; last good "
+                                   f"checkpoint: {state if start or epoch else 'none yet'}")
         if improved := best is None or val["miou"] > best["miou"]:
             best = {"miou": val["miou"], "iou": val["iou"], "epoch": epoch + 1}
             model.save_checkpoint(out / "model.safetensors", epoch=epoch + 1, val_miou=val["miou"])
@@ -535,6 +543,8 @@ def run_predict(args):
     model = TiMSegmenter.from_checkpoint(args.ckpt, args.device).eval()
     paths = dict(item.partition("=")[::2] for item in args.input)
     out = Path(args.out)
+    if any(Path(p).resolve() == out.resolve() for p in paths.values()):
+        raise ValueError(f"--out {out} is one of the --input files: the mask would replace it; choose another path")
     line = predict_scene(model, paths, out, args.batch_size, args.seed, args.resume)
     mask = Raster(out)
     share = np.zeros(256, np.int64)
