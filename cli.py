@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 
 class TrainingDiverged(RuntimeError):
     """A loss or gradient became non-finite: training stopped at that step (the message says which)."""
@@ -83,6 +85,31 @@ def decay(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1) (0: off)")
     return value
+
+
+def torch_device(text: str) -> str:
+    """A torch device this machine has (cpu, cuda, cuda:1, mps)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (cpu, cuda, cuda:0, mps)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                                         f"use --device cpu or another index")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU for torch {torch.__version__}; "
+                                         f"use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use --device cpu")
+    return text
+
+
+def layer_list(text: str) -> str:
+    """Comma-separated block indices, e.g. 3,5,7,11 (checked against the encoder's depth once it is loaded)."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected block indices separated by commas, e.g. 3,5,7,11")
+    return text
 
 
 def multiple_of(step: int):

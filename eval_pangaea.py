@@ -40,7 +40,8 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
-from cli import TrainingDiverged, fraction, multiple_of, nonnegative_int, positive_int, run_main, writable_folder
+from cli import (TrainingDiverged, fraction, layer_list, multiple_of, nonnegative_int, positive_int, run_main,
+                 torch_device, writable_folder)
 from pangaea_datasets import OPTICAL, READERS, SAR, ImageFolder, TerraMeshLabels, band_codes, write_class_folders
 from pictures import save_sheet
 from terramesh import LULC_COLORS, MODALITIES, PATCH, render, save_safetensors, write_text
@@ -451,6 +452,9 @@ def run_seg(args):
     encoder, name = load_encoder(args.model, args.official, args.size, args.device)
     matcher = BandMatcher(r, mods)
     layers = [int(v) for v in args.layers.split(",")] if args.layers else default_layers(encoder.config.encoder_depth)
+    if max(layers) >= encoder.config.encoder_depth:
+        raise ValueError(f"--layers {args.layers}: the encoder has {encoder.config.encoder_depth} blocks, "
+                         f"0..{encoder.config.encoder_depth - 1}")
     config = dict(dim=encoder.config.dim, num_logits=1 if r.binary else len(r.classes), layers=layers,
                   frames=r.frames, temporal=args.temporal, channels=args.channels)
     model = PangaeaModel(encoder, **{k: v for k, v in config.items() if k != "dim"}).to(args.device)
@@ -516,13 +520,13 @@ def main():
         q.add_argument("--model", default=None, help="our TerraMind checkpoint (.safetensors) or checkpoint folder")
         q.add_argument("--official", default=None, help="official weights, e.g. TerraMind_v1_base.pt (with --size)")
         q.add_argument("--size", default="smoke", help="model size of --official, or of a random init")
-        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+        q.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
         q.add_argument("--seed", type=nonnegative_int, default=234, help="seed (PANGAEA: 234)")
     seg.add_argument("--dataset", required=True, choices=[*READERS, "terramesh"], help="on-disk format")
     seg.add_argument("--modalities", default="S2L2A,S1GRD", help="encoder inputs (PANGAEA's TerraMind: S2L2A,S1GRD)")
     seg.add_argument("--labels", default="label_water", help="terramesh: the label folder")
     seg.add_argument("--classes", default=None, help="terramesh: class names, comma-separated (default 0..max)")
-    seg.add_argument("--layers", default=None, help="encoder blocks, e.g. 3,5,7,11 (default by depth)")
+    seg.add_argument("--layers", type=layer_list, default=None, help="encoder blocks, e.g. 3,5,7,11 (default by depth)")
     seg.add_argument("--temporal", default="ltae", choices=["ltae", "linear"], help="multi-temporal mapping")
     seg.add_argument("--crop", type=multiple_of(PATCH), default=224,
                      help="training crop and sliding window (official 224)")

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import terramesh
 from cli import (TrainingDiverged, decay, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                 run_main, writable_folder)
+                 run_main, torch_device, writable_folder)
 from diffusion_decoder import DiffusionDecoder
 from metrics import codebook_usage, physical, reconstruction_metrics
 from terramesh import TerraMeshDataset, expect_kind, load_safetensors, save_safetensors
@@ -684,7 +684,7 @@ def main():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data", required=True, help="TerraMesh-layout folder")
     common.add_argument("--out", required=True, help="output folder")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     common.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (training: per GPU)")
     common.add_argument("--seed", type=nonnegative_int, default=0, help="random seed")
     p = sub.add_parser("train", parents=[common], help="train tokenizers, one modality after the other")

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main, writable_folder
+from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main, torch_device, writable_folder
 from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
@@ -893,7 +893,7 @@ def main():
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows x samples per forward pass")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed of the torch.Generator behind all sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if evaluate:
         parser.add_argument("--data", default=None, help="TerraMesh-layout folder with ground truth")
         parser.add_argument("--split", default="test", help="split (all samples when the folder has none)")

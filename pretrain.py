@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
-                 positive_int, run_main, writable_folder)
+                 positive_int, run_main, torch_device, writable_folder)
 from fsq_tokenizer import TokenShards, read_header
 from masking import MIXTURES, SCALES, Masking, cross_scale_overlap, parse_mixture
 from pictures import plot_curves
@@ -676,7 +676,7 @@ def main():
                                                        "without shards is left out")
     p.add_argument("--text-tokenizer", help=f"WordPiece JSON for captions and coords (default: {OFFICIAL_VOCAB})")
     p.add_argument("--out", default="ckpt", help="output folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (instead of --token-budget)")
     p.add_argument("--token-budget", type=positive_float, help="input + target tokens to train on, as 4M counts them "
                                                       "(default: smoke 2e6, others the paper's 500e9)")

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int, positive_float,
-                 positive_int, run_main, writable_folder)
+                 positive_int, run_main, torch_device, writable_folder)
 from eval_pangaea import (UPerNet, confusion_matrix, default_layers, save_prediction, segmentation_scores,
                           sliding_inference, window_starts, write_json)
 from generate import Sampling, generate_tokens
@@ -628,7 +628,7 @@ def main(argv=None):
     for s in (t, q):
         s.add_argument("--seed", type=nonnegative_int, default=0,
                        help="seed of the init, data order, crops and TiM sampling")
-        s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+        s.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     q = sub.add_parser("table", help="results.json files -> paper Table 8 layout")
     q.add_argument("results", nargs="+", help="results.json files")
     args = p.parse_args(argv)

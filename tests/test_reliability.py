@@ -67,8 +67,11 @@ BAD_FLAGS = [
     (eval_pangaea.main, ["eval_pangaea.py", "fewshot", "--root", "r", "--shots", "0"], "--shots: 0 must be"),
     (eval_pangaea.main, ["eval_pangaea.py", "seg", "--root", "r", "--dataset", "terramesh", "--crop", "100"],
      "--crop: 100 is not a multiple of 16"),
+    (eval_pangaea.main, ["eval_pangaea.py", "seg", "--root", "r", "--dataset", "terramesh", "--layers", "3,x"],
+     "--layers: '3,x': expected block indices"),
+    (pretrain.main, ["pretrain.py", "--data", "d", "--device", "gpu0"], "--device: 'gpu0' is not a torch device"),
     (terramesh.main, ["terramesh.py", "synth", "--size", "0"], "--size: 0 must be a positive integer"),
-    (terramesh.main, ["terramesh.py", "synth", "--size", "7"], "--size: 7 is not a multiple of 16"),
+    (terramesh.main, ["terramesh.py", "synth", "--size", "7"], "multiple of 16"),
     (terramesh.main, ["terramesh.py", "synth", "--n", "x"], "--n: 'x' is not an integer"),
     (text_tokenizer.main, ["text_tokenizer.py", "train", "--corpus", "c", "--out", "o", "--vocab-size", "0"],
      "--vocab-size: 0 must be a positive integer"),
@@ -78,7 +81,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("main, argv, says", BAD_FLAGS, ids=[" ".join(a[1][-2:]) for a in BAD_FLAGS])
 def test_bad_flags_are_refused_naming_the_flag(main, argv, says, monkeypatch, capsys):
     said = user_error(main, argv, monkeypatch, capsys)
-    assert says in said, said
+    assert says in said and argv[-2] in said and said.strip().splitlines()[-1].count("error") == 1, said
 
 
 def test_a_worker_error_is_one_line():
