@@ -12,10 +12,16 @@ from test_terramind import rel, smoke_batch
 needs_onednn = pytest.mark.skipif(cpu_linear._INNER_PRODUCT is None, reason="PyTorch built without oneDNN")
 
 
+@pytest.fixture
+def route(monkeypatch):
+    """The oneDNN route taken whatever this machine's micro-benchmark says (its numerics are tested here)."""
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", 2 * cpu_linear.MIN_SPEEDUP)
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [((3, 5, 24), 40), ((37, 40), 24), ((2, 9, 16), 16)])   # O > I, O < I, O = I
 @pytest.mark.parametrize("bias", [True, False])
-def test_values_and_gradients_equal_float64(shape, bias):
+def test_values_and_gradients_equal_float64(shape, bias, route):
     (x_shape, out), g = shape, torch.Generator().manual_seed(0)
     x = torch.randn(*x_shape, generator=g, requires_grad=True)
     w = torch.randn(out, x_shape[-1], generator=g, requires_grad=True)
@@ -34,7 +40,7 @@ def test_values_and_gradients_equal_float64(shape, bias):
 
 
 @needs_onednn
-def test_input_without_gradient_and_no_grad_mode():
+def test_input_without_gradient_and_no_grad_mode(route):
     layer, x = Linear(12, 20), torch.randn(4, 12)
     layer(x).sum().backward()                                   # pixels: no gradient wanted for the input
     assert layer.weight.grad is not None and layer.bias.grad is not None
@@ -42,7 +48,7 @@ def test_input_without_gradient_and_no_grad_mode():
         assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
 
 
-def test_defers_to_f_linear_where_the_route_does_not_apply(monkeypatch):
+def test_defers_to_f_linear_where_the_route_does_not_apply(monkeypatch, route):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     assert not uses_onednn(x.double(), w.double())
     assert not uses_onednn(x[:0], w)
@@ -60,7 +66,7 @@ def test_defers_to_f_linear_where_the_route_does_not_apply(monkeypatch):
 
 
 @needs_onednn
-def test_terramind_step_is_the_same_with_and_without_the_route(monkeypatch):
+def test_terramind_step_is_the_same_with_and_without_the_route(monkeypatch, route):
     torch.manual_seed(0)
     config = TerraMindConfig.preset("smoke")
     model, batch = TerraMind(config), smoke_batch(config, 2)
@@ -76,3 +82,21 @@ def test_terramind_step_is_the_same_with_and_without_the_route(monkeypatch):
     assert rel(loss, loss_ref) < 1e-6 and grads.keys() == grads_ref.keys()
     for n in grads:
         assert rel(grads[n], grads_ref[n]) < 1e-4, n
+
+
+@needs_onednn
+def test_route_follows_the_micro_benchmark_measured_once(monkeypatch):
+    """The route is taken only where oneDNN measured faster on this machine; the measurement runs once."""
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", None)
+    timed = []
+    best_time = cpu_linear._best_time
+    monkeypatch.setattr(cpu_linear, "_best_time", lambda f: timed.append(f) or best_time(f))
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    first = uses_onednn(x, w)
+    ratio = cpu_linear.speedup()
+    assert len(timed) == 2 and 0.1 < ratio < 20                 # F.linear and oneDNN, timed once each
+    assert uses_onednn(x, w) == first == (ratio > cpu_linear.MIN_SPEEDUP) and len(timed) == 2
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", 0.9)            # a machine where oneDNN is slower (issue 20's Xeon)
+    assert not uses_onednn(x, w)
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", 1.5)
+    assert uses_onednn(x, w)

@@ -1,0 +1,109 @@
+"""The static training step (terramind.py: fixed-shape embeddings, TerraMind.heads_static): the loss and
+gradients of the dense path, whose loss matches the official implementation (test_terramind.py), and one
+compiled graph under torch.compile(fullgraph=True): no graph break, no recompile over batches with other masks
+and other entry mixes, the eager loss and gradients through pretrain.train_step."""
+import math
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import pretrain
+from terramind import ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig
+from test_terramind import rel, smoke_batch
+
+CONFIG = TerraMindConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden=64, grid=4,
+                         inputs=PRESETS["smoke"].inputs, targets=PRESETS["smoke"].targets)
+
+
+def batches(n):
+    """n masked batches of 2 samples (40 + 40 slots): other masks each time, and every other batch with some
+    entries taken out of the inputs and others out of the targets (slots set to padding)."""
+    out = []
+    for i in range(n):
+        batch = smoke_batch(CONFIG, 2, seed=i, budgets=(40, 40))
+        if i % 2:
+            for side, names in (("input", CONFIG.inputs), ("target", CONFIG.targets)):
+                gone = names[i % len(names)::3]
+                mod = batch[f"{side}_mod"]
+                batch[f"{side}_mod"] = mod.masked_fill(torch.isin(mod, torch.tensor([ENTRY_INDEX[e] for e in gone])), -1)
+        out.append(batch)
+    return out
+
+
+def loss_and_gradients(net, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss, sums = net(batch, sums=True)
+    loss.backward()
+    return loss.detach(), sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(grads, ref):
+    for n, g in ref.items():
+        if g.any():
+            assert rel(grads[n], g) <= 1e-5, n
+        else:   # an entry without slots: zero (static path) or no gradient (dense path)
+            assert n not in grads or not grads[n].any(), n
+
+
+def test_static_heads_give_the_dense_loss_sums_and_gradients():
+    torch.manual_seed(0)
+    model = TerraMind(CONFIG)
+    for batch in batches(4):
+        model.static_heads = False
+        loss, sums, grads = loss_and_gradients(model, model, batch)
+        _, per_entry = model(batch)
+        model.static_heads = True
+        loss2, sums2, grads2 = loss_and_gradients(model, model, batch)
+        # the loss is the mean over the entries with targets of their mean cross-entropy (paper eq. 2)
+        assert loss.item() == pytest.approx(sum(v.item() for v in per_entry.values()) / len(per_entry), rel=1e-6)
+        counts = [int((batch["target_mod"] == ENTRY_INDEX[e]).sum()) for e in CONFIG.targets]
+        assert sums[1].tolist() == sums2[1].tolist() == counts
+        assert rel(loss2, loss) <= 1e-6 and rel(sums2[0], sums[0]) <= 1e-6
+        assert_same_gradients(grads2, grads)
+
+
+def test_whole_model_compiles_to_one_graph_without_recompiles():
+    """aot_eager traces forward and backward as inductor would, without generating code (fast on 2 cores)."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = TerraMind(CONFIG)
+    backend = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(model, fullgraph=True, backend=backend)    # a graph break would raise
+    for batch in batches(21):
+        loss, sums = net(batch, sums=True)
+        loss.backward()
+        assert math.isfinite(loss.item())
+    assert backend.frame_count == 1                                 # compiled once, 20 batches reuse it
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"] and not counters["recompiles"]
+
+
+class GradientSnapshot(torch.optim.Optimizer):
+    """An optimizer whose step keeps a copy of the gradients (pretrain.train_step clears them after the step)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+        self.grads = {}
+
+    def step(self, closure=None):
+        self.grads = {id(p): p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
+
+
+def test_compiled_train_step_gives_the_eager_loss_and_gradients():
+    """pretrain.py --compile: torch.compile(model, fullgraph=True) with inductor through pretrain.train_step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TerraMind(CONFIG)
+    names = {id(p): n for n, p in model.named_parameters()}
+    compiled = torch.compile(model, fullgraph=True)
+    for batch in batches(2):
+        results = []
+        for net in (model, compiled):
+            opt = GradientSnapshot(model.parameters())
+            stats, norm = pretrain.train_step(net, model, opt, iter([batch]), 1, 1, torch.device("cpu"), None, 0)
+            results.append((stats, norm, {names[k]: g for k, g in opt.grads.items()}))
+        (stats, norm, grads), (stats2, norm2, grads2) = results
+        assert rel(stats2, stats) <= 1e-5 and rel(norm2, norm) <= 1e-5
+        assert_same_gradients(grads2, grads)
