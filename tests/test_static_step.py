@@ -13,6 +13,7 @@ import pretrain
 from terramind import ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig
 from test_terramind import rel, smoke_batch
 
+HOST_SYNCS = {"item", "tolist", "nonzero", "unique", "__bool__", "aten._local_scalar_dense.default"}
 CONFIG = TerraMindConfig(dim=32, encoder_depth=1, decoder_depth=1, num_heads=2, mlp_hidden=64, grid=4,
                          inputs=PRESETS["smoke"].inputs, targets=PRESETS["smoke"].targets)
 
@@ -78,6 +79,8 @@ def test_whole_model_compiles_to_one_graph_without_recompiles():
         assert math.isfinite(loss.item())
     assert backend.frame_count == 1                                 # compiled once, 20 batches reuse it
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"] and not counters["recompiles"]
+    ops = {str(node.target) for node in backend.graphs[0].graph.nodes if node.op.startswith("call_")}
+    assert not ops & HOST_SYNCS, ops & HOST_SYNCS                  # a captured .item() would still wait on the GPU
 
 
 class GradientSnapshot(torch.optim.Optimizer):
