@@ -19,8 +19,14 @@ Public API (`from terramind import TerraMind, TerraMindConfig`):
   * `model(batch) -> (loss, {entry: loss})`: the pretraining loss (paper eq. 2) on a batch from masking.py:
     the data tensors per entry plus `input_mod`, `input_pos` (B, N_in) and `target_mod`, `target_pos`
     (B, N_tgt): slot n of sample b reads entry ENTRIES[mod[b, n]] at position pos[b, n] (raster index of
-    the token grid, or index into the sequence layout), mod = -1 marks padding. Only the selected pixel
-    patches are projected; encoder and decoder run on these dense slots.
+    the token grid, or index into the sequence layout), mod = -1 marks padding. `model(batch, sums=True)
+    -> (loss, (2, T))` gives per-entry cross-entropy sums and counts instead, with no host sync.
+    The step is static: every shape follows from the batch's shapes, never from the masks' contents (entries
+    are embedded at every slot and kept by `torch.where`; pixel entries project all their patches, as the
+    official code does), so `torch.compile(model, fullgraph=True)` traces it as one graph that serves every
+    mask (pretrain.py --compile). Which output-head path runs where: on CPU in eager mode `heads_dense` gives
+    each entry's head its own rows by boolean selection (exact work, host syncs are cheap there); compiled,
+    and on GPU, `heads_static` runs fixed-size chunks of one entry each (more work, no sync).
   * `model.encode(inputs, layers=None, visible=None) -> Encoded`: fully visible inputs (or the positions
     where `visible[entry]` (B, N) is True). `Encoded.tokens[entry]` is the normed last layer (B, N, D),
     `Encoded.layers[i][entry]` the output of encoder block i (0-based; the last block normed, as the
@@ -36,7 +42,8 @@ Public API (`from terramind import TerraMind, TerraMindConfig`):
 
 Image positions: a fixed 2D sin-cos table built for `config.grid`; other grids bicubic-interpolate it, as
 the official code does (a model trained on 64 px tiles uses grid=4, official weights use 14).
-Linear layers and output heads are cpu_linear's: on CPU in fp32 their matrix products run on oneDNN (faster).
+Linear layers and output heads are cpu_linear's: on CPU in fp32 their matrix products run on oneDNN where a
+one-time micro-benchmark finds it faster than PyTorch's default.
 
     python terramind.py info --size tiny                                    # parameters, FLOPs per token
     python terramind.py info --size smoke --n-in 64 --n-tgt 64
@@ -325,7 +332,7 @@ class TerraMind(nn.Module):
         vocab = [c.vocab_size(e) for e in c.targets]
         outside = torch.arange(max(vocab, default=1))[None] >= torch.tensor(vocab, dtype=torch.long)[:, None]
         bias = torch.zeros(outside.shape).masked_fill(outside, float("-inf"))
-        self.register_buffer("head_bias", bias, persistent=False)                   # (T, V) -inf past each vocabulary
+        self.register_buffer("head_bias", bias, persistent=False)          # (T, V) -inf past each vocabulary
         self.static_heads = None   # None: see uses_static_heads; True/False forces one path (tests)
         self.init_weights()
 
@@ -351,7 +358,7 @@ class TerraMind(nn.Module):
         for p in [self.mask_token, *self.mod_emb.values()]:
             nn.init.normal_(p, std=0.02)
 
-    # ---- embeddings of dense slots -------------------------------------------------------------------------
+    # ---- embeddings of the slots (fixed shapes) --------------------------------------------------------------
 
     def image_positions(self, h: int, w: int) -> torch.Tensor:
         return resize_positions(self.pos_image, h, w)                                # (h*w, D)
@@ -541,9 +548,9 @@ class TerraMind(nn.Module):
 
     def compile_blocks(self, **options) -> "TerraMind":
         """torch.compile every encoder and decoder block in place. The blocks see fixed (B, N, D) shapes and
-        have no data-dependent branches, so each compiles into one graph; the gathers into dense slots and the
-        per-entry losses around them (which depend on the masks' contents) stay eager. State-dict keys are
-        unchanged. pretrain.py --compile calls this."""
+        have no data-dependent branches, so each compiles into one graph; the embeddings and losses around them
+        stay eager. State-dict keys are unchanged. The step before issue 20; bench/pretrain_gpu.py --modes blocks
+        compares it (pretrain.py --compile now compiles the whole model)."""
         for blk in [*self.encoder, *self.decoder]:
             blk.compile(**options)
         return self

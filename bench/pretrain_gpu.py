@@ -135,8 +135,8 @@ def run_size(size, batch_size, args, device, dtype, peak):
         rates[mode] = tokens / sec
         mfu = f"{flops * rates[mode] / peak * 100:5.1f}%" if peak else "  n/a"
         mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:5.1f} GiB" if device.type == "cuda" else "n/a"
-        print(f"  {mode:8s} | {sec * 1e3:8.1f} ms/step (median of {args.steps}) | {rates[mode] / 1e3:8.1f}k tok/s | "
-              f"MFU {mfu} | peak memory {mem} | loss {loss:.3f}", flush=True)
+        print(f"  {mode:8s} | {sec * 1e3:8.1f} ms/step (median of {args.steps}) | {rates[mode] / 1e3:8.1f}k tok/s"
+              f" | MFU {mfu} | peak memory {mem} | loss {loss:.3f}", flush=True)
         if args.profile_steps and mode == args.modes.split(",")[-1]:
             print(f"  profile of {args.profile_steps} {mode} steps:")
             profile_summary(model, net, opt, batches, args, device, dtype)
@@ -151,7 +151,7 @@ def run_size(size, batch_size, args, device, dtype, peak):
 
 
 def main():
-    p = argparse.ArgumentParser(description="one-GPU tokens/s, MFU and peak memory of pretraining, eager vs compiled")
+    p = argparse.ArgumentParser(description="one-GPU tokens/s, MFU, peak memory of pretraining, eager vs compiled")
     p.add_argument("--runs", nargs="+", default=["base:128", "large:32"], help="size:micro-batch pairs")
     p.add_argument("--device", default="cuda", help="cuda, or cpu to check the script")
     p.add_argument("--grid", type=int, default=14, help="token grid side (14 = 224 px tiles)")

@@ -26,9 +26,9 @@ def batches(n):
         batch = smoke_batch(CONFIG, 2, seed=i, budgets=(40, 40))
         if i % 2:
             for side, names in (("input", CONFIG.inputs), ("target", CONFIG.targets)):
-                gone = names[i % len(names)::3]
+                gone = torch.tensor([ENTRY_INDEX[e] for e in names[i % len(names)::3]])
                 mod = batch[f"{side}_mod"]
-                batch[f"{side}_mod"] = mod.masked_fill(torch.isin(mod, torch.tensor([ENTRY_INDEX[e] for e in gone])), -1)
+                batch[f"{side}_mod"] = mod.masked_fill(torch.isin(mod, gone), -1)
         out.append(batch)
     return out
 
@@ -37,7 +37,8 @@ def loss_and_gradients(net, model, batch):
     model.zero_grad(set_to_none=True)
     loss, sums = net(batch, sums=True)
     loss.backward()
-    return loss.detach(), sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), sums.detach(), grads
 
 
 def assert_same_gradients(grads, ref):
