@@ -1,6 +1,6 @@
 """The GPU route against the CPU-tested one (`python -m pytest -m gpu`, run by bench/gpu_checks.sh): a bf16
-autocast step against fp32, fused CUDA AdamW against the foreach implementation, compiled blocks against eager,
-and, with two GPUs, torchrun with NCCL against one process with gradient accumulation. Every test skips where
+autocast step against fp32, fused CUDA AdamW against the foreach implementation, compiled blocks and the
+whole model compiled (no host sync) against eager, and, with two GPUs, torchrun with NCCL against one process with gradient accumulation. Every test skips where
 there is no CUDA device, naming what it needs."""
 import copy
 import os
@@ -96,6 +96,29 @@ def test_compiled_blocks_equal_eager_on_cuda():
     compiled = copy.deepcopy(model).compile_blocks()
     fast = one_step(compiled, batches, None)
     assert abs(fast[0] - eager[0]) <= 1e-5 * eager[0] and abs(fast[1] - eager[1]) <= 1e-4 * eager[1]
+
+
+def test_whole_model_compiled_equals_eager_and_never_syncs_on_cuda():
+    """pretrain.py --compile on CUDA: the eager loss and gradient norm, and after the first (compiling) call the
+    compiled forward and backward run with CUDA's sync debug mode at "error" (any host sync would raise)."""
+    torch.manual_seed(0)
+    config = replace(TerraMindConfig.preset("smoke"), grid=4)
+    model = TerraMind(config).cuda()
+    batches = smoke_batches(config, 3)
+    eager = one_step(copy.deepcopy(model), batches[:1], None)
+    net = torch.compile(copy.deepcopy(model), fullgraph=True)
+    fast = one_step(net, batches[:1], None)
+    assert abs(fast[0] - eager[0]) <= 1e-5 * eager[0] and abs(fast[1] - eager[1]) <= 1e-4 * eager[1]
+    for batch in batches[1:]:
+        batch = {k: v.cuda() for k, v in batch.items()}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, sums = net(batch, sums=True)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss).item() and sums[1].sum().item() == (batch["target_mod"] >= 0).sum().item()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
