@@ -50,6 +50,10 @@ def main():
     print(f"torch {torch.__version__} | {args.threads} threads | CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} | matmul precision {torch.get_float32_matmul_precision()} | "
           f"oneDNN route {'available' if cpu_linear._INNER_PRODUCT is not None else 'NOT available'}")
+    verdict = "taken" if cpu_linear.speedup() > cpu_linear.MIN_SPEEDUP else "not taken"
+    print(f"cpu_linear's first-use micro-benchmark: oneDNN {cpu_linear.speedup():.2f}x F.linear -> route {verdict}; "
+          f"timed below whatever the verdict")
+    cpu_linear._SPEEDUP = float("inf")
     print(f"{'shape':16s} {'pass':9s} {'F.linear':>18s} {'cpu_linear':>18s} {'speed-up':>8s} "
           f"{'rel. err F / ours':>20s}")
     g = torch.Generator().manual_seed(0)
