@@ -44,7 +44,8 @@ from cli import (TrainingDiverged, fraction, layer_list, multiple_of, nonnegativ
                  torch_device, writable_folder)
 from pangaea_datasets import OPTICAL, READERS, SAR, ImageFolder, TerraMeshLabels, band_codes, write_class_folders
 from pictures import save_sheet
-from terramesh import LULC_COLORS, MODALITIES, PATCH, render, save_safetensors, write_text
+from terramesh import (LULC_COLORS, MODALITIES, PATCH, PIXEL_MODALITIES, modality_names, render, save_safetensors,
+                       write_text)
 
 # -----------------------------------------------------------------------------------------------------------
 # Input pipeline: bands by name, the dataset's standardization, crops (PANGAEA pangaea/engine/data_preprocessor.py)
@@ -520,10 +521,12 @@ def main():
         q.add_argument("--model", default=None, help="our TerraMind checkpoint (.safetensors) or checkpoint folder")
         q.add_argument("--official", default=None, help="official weights, e.g. TerraMind_v1_base.pt (with --size)")
         q.add_argument("--size", default="smoke", help="model size of --official, or of a random init")
-        q.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+        q.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cpu or cuda")
         q.add_argument("--seed", type=nonnegative_int, default=234, help="seed (PANGAEA: 234)")
     seg.add_argument("--dataset", required=True, choices=[*READERS, "terramesh"], help="on-disk format")
-    seg.add_argument("--modalities", default="S2L2A,S1GRD", help="encoder inputs (PANGAEA's TerraMind: S2L2A,S1GRD)")
+    seg.add_argument("--modalities", type=modality_names(PIXEL_MODALITIES), default="S2L2A,S1GRD",
+                     help="encoder inputs (PANGAEA's TerraMind: S2L2A,S1GRD)")
     seg.add_argument("--labels", default="label_water", help="terramesh: the label folder")
     seg.add_argument("--classes", default=None, help="terramesh: class names, comma-separated (default 0..max)")
     seg.add_argument("--layers", type=layer_list, default=None, help="encoder blocks, e.g. 3,5,7,11 (default by depth)")
@@ -536,7 +539,8 @@ def main():
     seg.add_argument("--replicate", type=positive_int, default=1, help="repeat the train set N times per epoch")
     seg.add_argument("--workers", type=nonnegative_int, default=4, help="data loader workers")
     seg.add_argument("--out", default="runs/pangaea", help="output folder")
-    few.add_argument("--modality", default="S2L1C", help="the TerraMind modality the images are fed as (default: "
+    few.add_argument("--modality", type=modality_names(PIXEL_MODALITIES), default="S2L1C",
+                     help="the TerraMind modality the images are fed as (default: "
                      "S2L1C, as the paper's Table 5)")
     few.add_argument("--bands", default=None, help="band codes of the files, in order (default: the modality's)")
     few.add_argument("--ways", type=positive_int, default=5, help="classes per run")
@@ -547,7 +551,8 @@ def main():
     q = sub.add_parser("folders", help="dominant-LULC image folders from a TerraMesh-layout folder")
     q.add_argument("--root", required=True, help="TerraMesh-layout folder with LULC/ and splits/")
     q.add_argument("--out", required=True, help="output folder")
-    q.add_argument("--modality", default="S2L1C", help="the modality whose files are linked (default: S2L1C, the "
+    q.add_argument("--modality", type=modality_names(PIXEL_MODALITIES), default="S2L1C",
+                   help="the modality whose files are linked (default: S2L1C, the "
                    "few-shot input of the paper's Table 5)")
     q.add_argument("--min-share", type=fraction, default=0.5, help="minimum share of the dominant class")
     q = sub.add_parser("table", help="results.json files -> paper Table 6 layout")

@@ -507,8 +507,12 @@ def train(args, m: str):
                                    for k, v in tensors.items() if k.startswith(f"opt.{i}.")} for i in meta["opt"]}
         opt.load_state_dict(state)
         step = meta["step"]
+        if step >= steps:
+            raise ValueError(f"--steps {steps}: {state_path} is already at step {step}; give more steps to continue")
         if rank == 0:
             print(f"resumed {state_path} at step {step}")
+    elif args.resume and rank == 0:
+        print(f"--resume: no {state_path} yet; training {m} from step 0")
     net = nn.parallel.DistributedDataParallel(model, None if device == "cpu" else [device]) if ddp else model
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[plan.dtype]
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)

@@ -163,6 +163,18 @@ def check_values(name: str, x: np.ndarray, path, nan_ok: bool | None = None):
                       f"check the units (S-2 reflectance x 10000, S-1 dB, DEM m, NDVI -1..1)", stacklevel=3)
 
 
+def modality_names(allowed, also=()):
+    """The argparse type of a comma-separated list of modalities from `allowed` (or one of the words `also`)."""
+    def parse(text: str) -> str:
+        bad = [m for m in text.split(",") if m not in allowed and m.lower() not in also]
+        if bad:
+            words = "".join(f"{w} or " for w in also)
+            raise argparse.ArgumentTypeError(f"{', '.join(bad)}: expected {words}modalities from {', '.join(allowed)}, "
+                                             f"comma-separated")
+        return text
+    return parse
+
+
 def modality(name: str) -> Modality:
     """Looks a modality up by name; the error lists the known ones."""
     if name not in MODALITIES:

@@ -52,8 +52,8 @@ from generate import Sampling, generate_tokens
 from pangaea_datasets import OPTICAL, READERS, SAR, TerraMeshLabels, band_codes
 from pictures import plot_curves, save_png
 from scene import Progress, Raster, TiledWriter, open_scene, summary
-from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, expect_kind, load_safetensors, render,
-                       save_safetensors, standardize)
+from terramesh import (LULC_COLORS, MODALITIES, PATCH, TOKENIZED_IMAGES, expect_kind, load_safetensors, modality_names,
+                       render, save_safetensors, standardize)
 from terramind import TerraMind, TerraMindConfig
 
 IGNORE = -1   # label value of unlabelled pixels (Sen1Floods11, TerraMesh label folders)
@@ -596,8 +596,10 @@ def main(argv=None):
     t.add_argument("--dataset", default="terramesh", choices=["terramesh", "sen1floods11"], help="on-disk format")
     t.add_argument("--labels", default="label_water", help="terramesh: the label folder")
     t.add_argument("--classes", default=None, help="terramesh: class names, comma-separated (default 0..max)")
-    t.add_argument("--modalities", default="S2L1C,S1GRD", help="raw inputs (official TiM example: S2L1C,S1GRD)")
-    t.add_argument("--tim", default="LULC", help="generated modalities in chain order, e.g. LULC or LULC,NDVI; none")
+    t.add_argument("--modalities", type=modality_names(PIXELS), default="S2L1C,S1GRD",
+                   help="raw inputs (official TiM example: S2L1C,S1GRD)")
+    t.add_argument("--tim", type=modality_names(TOKENIZED_IMAGES, ("none",)), default="LULC",
+                   help="generated modalities in chain order, e.g. LULC or LULC,NDVI; none")
     t.add_argument("--tim-steps", type=positive_int, default=1, help="decoding steps per TiM modality (official 1)")
     t.add_argument("--tim-scheme", default="roar", choices=["roar", "maskgit"], help="decoding scheme (official roar)")
     t.add_argument("--temperature", type=nonnegative_float, default=1.0,
@@ -628,7 +630,8 @@ def main(argv=None):
     for s in (t, q):
         s.add_argument("--seed", type=nonnegative_int, default=0,
                        help="seed of the init, data order, crops and TiM sampling")
-        s.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+        s.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="torch device")
     q = sub.add_parser("table", help="results.json files -> paper Table 8 layout")
     q.add_argument("results", nargs="+", help="results.json files")
     args = p.parse_args(argv)
