@@ -147,8 +147,9 @@ def filter_logits(logits: torch.Tensor, top_k: float = 0, top_p: float = 0.0) ->
 
 def sample(logits: torch.Tensor, temperature: float, top_k=0, top_p=0.0, generator=None):
     """logits (B, K, V) -> token ids (B, K) and their probability (B, K). Temperature 0 is argmax."""
-    if not torch.isfinite(logits).all():   # NaN weights or inputs: neither argmax nor multinomial means anything
-        raise ValueError(f"the model gave {int((~torch.isfinite(logits)).sum())} non-finite logits: its weights or "
+    bad = torch.isnan(logits) | (logits == math.inf)   # -inf is a mask (the coords layout), not a fault
+    if bad.any():   # NaN weights or inputs: neither argmax nor multinomial means anything
+        raise ValueError(f"the model gave {int(bad.sum())} non-finite logits: its weights or "
                          f"inputs hold NaN or inf; use a checkpoint from before the run diverged")
     if temperature < 1e-10:   # DEVIATION: official confidence at T=0 is a constant 1 (MaskGIT order arbitrary)
         best = F.softmax(logits.float(), -1).max(-1)
