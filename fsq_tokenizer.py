@@ -22,6 +22,8 @@ match. `TokenShards(folder).get("S2L2A", "00042") -> LongTensor (h, w)` reads th
     python fsq_tokenizer.py train --modality S2L2A S1GRD DEM NDVI LULC --data data/synth --size smoke --out ckpt/
     python fsq_tokenizer.py tokenize --data data/synth --tokenizers ckpt/ --out tokens/
     python fsq_tokenizer.py reconstruct --modality S2L2A --data data/synth --tokenizers ckpt/ --out out/tok
+    python fsq_tokenizer.py reconstruct --modality DEM --data data/synth --tokenizers ckpt/ --steps 1 2 5 10 25 50 \\
+        --out out/tok_steps                                   # quality and time per image against DDIM steps
     # one GPU, official architecture and the paper's recipe (§8.1: 100 epochs, base lr 1e-4 x global batch / 256,
     # fp16 autocast for the diffusion tokenizers, EMA 0.9999, random crops); --steps / --lr / --ema override
     python fsq_tokenizer.py train --modality DEM --data /data/terramesh --size official --workers 8 --out ckpt/
