@@ -247,3 +247,49 @@ def test_command_line_geotiffs_sheet_and_eval(stack, pretrained, tokenizers, tmp
     assert 0 < mae <= rmse and -1 <= ssim <= 1 and np.isfinite(psnr)
     assert "| S2L2A → LULC (" in report and "| zero-shot |" in report
     assert next(r for r in report.splitlines() if r.startswith("| S2L2A → coords (")).split("|")[2].strip() == "4/4"
+
+
+def test_captions_never_sample_ids_the_text_tokenizer_cannot_decode():
+    """A caption head of 30000 ids with a ~6400-id WordPiece vocabulary: the ids beyond it are masked, so an
+    untrained model's captions decode (unmasked, almost every row draws such an id)."""
+    from dataclasses import replace
+
+    from generate import generate
+    from text_tokenizer import WordPieceTokenizer
+    small = WordPieceTokenizer.train(["a river crosses green fields", "dry hills above a lake"] * 5, vocab_size=30_000)
+    assert small.vocab_size < 7000
+    torch.manual_seed(0)
+    model = TerraMind(TerraMindConfig.preset("smoke")).eval()
+    x = torch.randn(16, 12, 64, 64)
+    free = Sampling(temperature=1.0, top_p=0.0)
+    ids = generate_tokens(model, {"S2L2A": x}, ["caption"], free, torch.Generator().manual_seed(0))["caption"]
+    assert (ids >= small.vocab_size).any(1).float().mean() > 0.9                  # what the mask prevents
+    ids = generate_tokens(model, {"S2L2A": x}, ["caption"], replace(free, vocab=small.vocab_size),
+                          torch.Generator().manual_seed(0))["caption"]
+    assert ids.max() < small.vocab_size
+    out = generate(model, {}, {"S2L2A": x}, ["caption"], free, small, standardized=True)["caption"]
+    assert len(out) == 16 and all(isinstance(c, str) for c in out)
+
+
+def test_tokenized_inputs_enter_through_the_tokenizer():
+    """--input-scale tokens (paper Table 14): S-2 L2A enters as its FSQ tokens although the model has its pixel
+    embedding, and generation from it equals generation from the tokenizer's ids; `eval` runs a pair at both
+    scales only where the model and the tokenizers allow both (random-init smoke model and tokenizers)."""
+    from fsq_tokenizer import ImageTokenizer, TokenizerConfig
+    from generate import Timer, generate, scaled_pairs, to_entries
+    torch.manual_seed(0)
+    model = TerraMind(TerraMindConfig.preset("smoke")).eval()
+    toks = {m: ImageTokenizer(TokenizerConfig.preset("smoke", m)).eval() for m in ("S2L2A", "LULC")}
+    x = torch.randn(4, 12, 64, 64)
+    entries = to_entries(model, toks, {"S2L2A": x}, Timer(), "tokens")
+    assert list(entries) == ["tok_S2L2A"] and torch.equal(entries["tok_S2L2A"], toks["S2L2A"].encode(x))
+    assert list(to_entries(model, toks, {"S2L2A": x}, Timer())) == ["S2L2A"]
+    lulc = generate(model, toks, {"S2L2A": x}, ["LULC"], ARGMAX, standardized=True, input_scale="tokens")["LULC"]
+    ids = generate_tokens(model, entries, ["tok_LULC"], ARGMAX)["tok_LULC"]
+    assert torch.equal(lulc, toks["LULC"].decode(ids).argmax(1))
+    pixels = generate(model, toks, {"S2L2A": x}, ["LULC"], ARGMAX, standardized=True)["LULC"]
+    assert not torch.equal(pixels, lulc)                                       # the scale changes the input
+    assert scaled_pairs(model, toks, "S2L2A:LULC,S1GRD:LULC,S2L1C:LULC", "both") == [
+        ("S2L2A", "LULC", "pixels"), ("S2L2A", "LULC", "tokens"), ("S1GRD", "LULC", "pixels"),
+        ("S2L1C", "LULC", "pixels")]                                           # no S1GRD / S2L1C tokenizer here
+    assert scaled_pairs(model, toks, "S2L2A:LULC", "pixels") == [("S2L2A", "LULC", "pixels")]
