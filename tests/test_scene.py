@@ -24,7 +24,7 @@ from terramind import TerraMind, TerraMindConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("637U_59R_1_3", "38D_378R_2_3")
-SAMPLING = generate.Sampling("maskgit", 2, temperature=0.7)   # stochastic: the random stream must line up too
+SAMPLING = generate.Sampling("maskgit", 2, temperature=0.7, top_p=0)   # stochastic: the random stream must line up
 
 
 def real_mosaic(modality: str, height: int, width: int) -> tuple[np.ndarray, dict]:
@@ -44,6 +44,8 @@ def models(tmp_path_factory):
     model = TerraMind(TerraMindConfig.preset("smoke")).eval()
     model.save_checkpoint(folder / "terramind.safetensors")
     tokenizers = {m: ImageTokenizer(TokenizerConfig.preset("smoke", m)).eval() for m in ("S1GRD", "LULC")}
+    torch.nn.init.normal_(tokenizers["S1GRD"].decoder.out[-1].weight, std=0.05)   # zero at init: x0 = 0 whatever
+    # the tokens, which would make every S1GRD output blind to them
     for m, t in tokenizers.items():
         t.save_checkpoint(tokenizer_path(folder, m))
     return model, tokenizers, folder
@@ -165,14 +167,27 @@ def stop_after(monkeypatch, n: int):
     monkeypatch.setattr(TiledWriter, "write_rows", failing)
 
 
-def test_decode_stage_stop_resumes_into_identical_files(models, tmp_path, monkeypatch):
+def test_stops_in_either_stage_resume_into_identical_files(models, tmp_path, monkeypatch):
+    """A crash while generating tokens (the 7th batch of windows), then one while writing decoded rows: each
+    resumed run continues from its checkpoint into the bytes of an uninterrupted run."""
     model, tokenizers, _ = models
     path, _, _ = scene_file(tmp_path, 300, 200)
     run = dict(sampling=SAMPLING, diffusion_steps=2, batch_size=4)
     generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["S1GRD"], tmp_path / "whole", **run)
-    stop_after(monkeypatch, 3)
+    calls, tokens = [], generate.generate_tokens
+
+    def failing(*args, **kw):
+        calls.append(1)
+        if len(calls) == 7:
+            raise Stop
+        return tokens(*args, **kw)
+    monkeypatch.setattr(generate, "generate_tokens", failing)
     with pytest.raises(Stop):
         generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["S1GRD"], tmp_path / "cut", **run)
+    monkeypatch.undo()
+    stop_after(monkeypatch, 3)
+    with pytest.raises(Stop):
+        generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["S1GRD"], tmp_path / "cut", resume=True, **run)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="another run"):   # other settings: refused
         generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["S1GRD"], tmp_path / "cut", SAMPLING, 3,
