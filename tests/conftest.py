@@ -102,3 +102,25 @@ def pretrained(synth_world, token_shards, text_tokenizer) -> Pretrained:
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     val = [r["val"] for r in rows if "val" in r][-1]
     return Pretrained(out, out / "terramind.safetensors", rows, val, synth_world, token_shards, text_tokenizer)
+
+
+SHARD_WORLD_SIZE, SHARD_WORLD_TILE = 120, 72   # 72 px = 64 + 8, as TerraMesh's 264 px = 256 + 8
+
+
+@pytest.fixture(scope="session")
+def shard_world(tmp_path_factory) -> Path:
+    """Path of a synthetic world in the published TerraMesh layout (`synthetic.synthesize_shards`): 120 samples
+    of 72 px in tar shards of zarr.zip, train 96 / val 24, S1RTC in majortom shards, S1GRD in ssl4eos12. ~3 s"""
+    import synthetic
+    root = tmp_path_factory.mktemp("shard_world") / "synth"
+    synthetic.synthesize_shards(root, n=SHARD_WORLD_SIZE, size=SHARD_WORLD_TILE, seed=0, workers=1, shard_size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shard_tokens(shard_world, tokenizers) -> Path:
+    """Token shards of shard_world: the 4x4 grid of each tile's centred 64 px window. ~5 s"""
+    out = shard_world.parent / "tokens"
+    run_stage("fsq_tokenizer.py", "tokenize", "--data", shard_world, "--tokenizers", tokenizers, "--out", out,
+              "--device", "cpu")
+    return out

@@ -52,10 +52,33 @@ def world(token_shards, text_tokenizer, synth_world):
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
     """One process, gradient accumulation 2 (2 x 4 samples), 6 steps, a checkpoint every 2 steps."""
-    out = tmp_path_factory.mktemp("reference")
+    return reference_run(world, tmp_path_factory.mktemp("reference"))
+
+
+def reference_run(world, out):
     said = run(command(world, out, 6, "--save-every", 2), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert "1 process(es) x 2 accumulation x 4 micro-batch" in said
     return out
+
+
+@pytest.fixture(scope="module")
+def published(shard_tokens, text_tokenizer, shard_world):
+    """The synthetic world in the published TerraMesh layout (72 px tiles; tokens of the centred 64 px)."""
+    return argparse.Namespace(data=shard_world, tokens=shard_tokens, text=text_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def published_reference(published, tmp_path_factory):
+    return reference_run(published, tmp_path_factory.mktemp("published_reference"))
+
+
+LAYOUTS = ["geotiff", "shards"]
+
+
+def layout_world(request, layout, reference=False):
+    """The GeoTIFF world or the published-layout one (and its one-process reference run)."""
+    names = ("world", "reference") if layout == "geotiff" else ("published", "published_reference")
+    return request.getfixturevalue(names[1] if reference else names[0])
 
 
 def dataset(world, shuffle=True, tile=64, shards=None, entries=None):
@@ -94,7 +117,9 @@ def test_step_batches_do_not_depend_on_the_process_layout():
     assert list(pretrain.StepBatches(2, 3, 0, 1, 2, 4))[0] == [16, 17]         # resuming at step 2
 
 
-def test_stream_is_a_permutation_per_epoch_and_depends_only_on_the_position(world):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stream_is_a_permutation_per_epoch_and_depends_only_on_the_position(layout, request):
+    world = layout_world(request, layout)
     ds = dataset(world)
     n = len(ds)
     assert sorted(ds.order(0)) == list(range(n)) and sorted(ds.order(1)) == list(range(n))
@@ -106,8 +131,12 @@ def test_stream_is_a_permutation_per_epoch_and_depends_only_on_the_position(worl
     assert not torch.equal(ds[5]["input_pos"], ds[6]["input_pos"])
 
 
-def test_crops_keep_pixels_and_tokens_aligned(world):
-    ds = dataset(world, tile=32)                       # 64 px tiles cropped to 32 px: 2 x 2 of 4 x 4 tokens
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_crops_keep_pixels_and_tokens_aligned(layout, request):
+    """64 px tiles cropped to 32 px: 2 x 2 of 4 x 4 tokens. Published layout: 72 px tiles whose 4 x 4 tokens
+    cover the centred 64 px (4 px in, as 264 px TerraMesh tiles -> 256): pixel windows start 4 + 16 k."""
+    world = layout_world(request, layout)
+    ds, margin = dataset(world, tile=32), 4 if layout == "shards" else 0
     shards = TokenShards(world.tokens)
     windows = set()
     for k in range(12):
@@ -115,11 +144,14 @@ def test_crops_keep_pixels_and_tokens_aligned(world):
         raw, sid = ds.ds[i], ds.ds.ids[i]
         out = ds.sample(i, np.random.default_rng([0, 0, 0, k]))
         assert out["S2L2A"].shape == (12, 32, 32) and out["tok_S2L2A"].shape == (2, 2)
-        top, left = next((t, l) for t in range(33) for l in range(33)
+        side = raw["S2L2A"].shape[-1]
+        assert side == 64 + 2 * margin
+        top, left = next((t, l) for t in range(side - 31) for l in range(side - 31)
                          if torch.equal(raw["S2L2A"][:, t:t + 32, l:l + 32], out["S2L2A"]))
-        assert top % 16 == 0 and left % 16 == 0
+        assert (top - margin) % 16 == 0 and (left - margin) % 16 == 0
+        row, col = (top - margin) // 16, (left - margin) // 16
         for m in ("S2L2A", "DEM", "LULC"):
-            assert torch.equal(out["tok_" + m], shards.get(m, sid)[top // 16:top // 16 + 2, left // 16:left // 16 + 2])
+            assert torch.equal(out["tok_" + m], shards.get(m, sid)[row:row + 2, col:col + 2])
         windows.add((top, left))
     assert len(windows) > 1
 
@@ -250,7 +282,9 @@ def test_pretrained_outputs(pretrained):
     assert state[3]["step"] == steps[-1] and state[3]["position"] == 32 * steps[-1]
 
 
-def test_torchrun_two_processes_equal_one_process_with_accumulation(world, reference, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_torchrun_two_processes_equal_one_process_with_accumulation(layout, request, tmp_path):
+    world, reference = layout_world(request, layout), layout_world(request, layout, reference=True)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + \
         command(world, out, 3)[1:]   # 2 processes x 1 micro-batch of 4
@@ -262,7 +296,9 @@ def test_torchrun_two_processes_equal_one_process_with_accumulation(world, refer
         assert abs(ddp[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, ddp[s], ref[s])
 
 
-def test_sigkill_and_resume_gives_the_uninterrupted_losses(world, reference, tmp_path):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sigkill_and_resume_gives_the_uninterrupted_losses(layout, request, tmp_path):
+    world, reference = layout_world(request, layout), layout_world(request, layout, reference=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = list(map(str, command(world, tmp_path, 6, "--save-every", 2)))
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
