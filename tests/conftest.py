@@ -119,7 +119,7 @@ def shard_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shard_tokens(shard_world, tokenizers) -> Path:
-    """Token shards of shard_world: the 4x4 grid of each tile's centred 64 px window. ~5 s"""
+    """Token shards of shard_world: the 4x4 grid of each tile's centred 64 px window."""
     out = shard_world.parent / "tokens"
     run_stage("fsq_tokenizer.py", "tokenize", "--data", shard_world, "--tokenizers", tokenizers, "--out", out,
               "--device", "cpu")
