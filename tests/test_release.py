@@ -170,7 +170,6 @@ def sen1floods11_standin(root: Path):
         (splits / f"flood_{split}_data.csv").write_text(f"{chip}_S1Hand.tif,{chip}_LabelHand.tif\n" * n)
 
 
-@pytest.mark.slow
 def test_readme_finetuning_commands_run(official, tmp_path):
     """The second block as written plus `--epochs 1 --channels 16` (the defaults are 100 and 80 epochs of a
     512-channel head), on the converted stand-ins and a one-chip stand-in of Sen1Floods11."""
