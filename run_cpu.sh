@@ -79,7 +79,7 @@ $PY eval_pangaea.py seg --dataset terramesh --root "$DATA" --labels label_water 
     --modalities S2L2A,S1GRD --model "$MODEL" --crop 64 --channels 64 --epochs "$EPOCHS" --workers 0 \
     --out "$OUT/pangaea/water"
 $PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
-$PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L2A --ways "$WAYS" --shots 1 --runs "$FEWSHOT_RUNS" \
+$PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways "$WAYS" --shots 1 --runs "$FEWSHOT_RUNS" \
     --model "$MODEL" --out "$OUT/pangaea/fewshot"
 took pangaea
 
