@@ -18,18 +18,33 @@ fp32 arithmetic: the results differ from MKL's only by summation order, at float
     has it.
   * `ENABLED = False` turns the routing off. The benchmark uses it to time the model with and without.
 
-The route is taken only where it is faster on the machine at hand: at first use, `speedup()` times both
-paths once on a representative product, (2048 x 192) @ (192 x 768) in fp32 (the `tiny` MLP's first layer
-on 8 samples of 256 tokens) with the process's threads (about 50 ms), and caches the ratio for the process; oneDNN is used when it is more than `MIN_SPEEDUP`
+The route is taken only where it is faster on the machine at hand: `speedup()` times both paths on a
+representative product, (2048 x 192) @ (192 x 768) in fp32 (the `tiny` MLP's first layer on 8 samples of
+256 tokens) with the process's threads (about 50 ms); oneDNN is used when it is more than `MIN_SPEEDUP`
 times faster. On this project's 2-core AMD EPYC machines it measured 1.6-2.1x; on an Intel Xeon with
 AVX-512 the route made the model step slower (0.96x, issue 20), which this check leaves out.
+
+The two routes round differently, so every process of a run must take the same one: DDP ranks must agree,
+and a resumed run must repeat the arithmetic of the run it continues. The verdict is therefore measured
+once per machine (CPU model, torch version, thread count) and kept in the user cache,
+`~/.cache/terramind/cpu_linear.json`; the first process measures under a file lock and the others read
+its verdict. `TERRAMIND_CPU_LINEAR=onednn` or `=torch` fixes the route without measuring.
 """
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+try:                     # file locks: one process measures the route, the others wait and read its verdict
+    import fcntl
+except ImportError:      # Windows: no lock, at worst two processes measure at once
+    fcntl = None
 
 ENABLED = True
 MIN_SPEEDUP = 1.1        # oneDNN must beat F.linear by this factor in speedup()'s micro-benchmark
@@ -37,7 +52,8 @@ try:   # oneDNN's fp32 inner product on dense tensors: a @ b.T + bias (the op to
     _INNER_PRODUCT = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 except (AttributeError, RuntimeError):
     _INNER_PRODUCT = None
-_SPEEDUP = None          # speedup()'s measurement, once per process
+_SPEEDUP = None          # speedup()'s verdict, read or measured once per process
+ROUTE_ENV = "TERRAMIND_CPU_LINEAR"   # "onednn" or "torch" fixes the route; unset: the machine's verdict
 
 
 def _mm_t(a, b, bias=None):
@@ -55,18 +71,63 @@ def _best_time(f, reps: int = 5) -> float:
     return min(times)
 
 
+def _measure() -> float:
+    """F.linear's time over oneDNN's on one (2048, 192) x (768, 192).T fp32 product, best of 5 each."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2048, 192, generator=g), torch.randn(768, 192, generator=g)   # tiny's fc1
+    with torch.no_grad():
+        return _best_time(lambda: F.linear(x, w)) / _best_time(lambda: _mm_t(x, w))
+
+
+def _machine_key() -> str:
+    """What the verdict depends on: the CPU model, the torch build and the number of threads."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def cache_file() -> Path:
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return home / "terramind" / "cpu_linear.json"
+
+
+def _machine_verdict() -> float:
+    """The speedup measured on this machine, from the user cache or measured now and cached."""
+    path, key = cache_file(), _machine_key()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            known = json.loads(path.read_text()) if path.exists() else {}
+            if key not in known:
+                known[key] = _measure()
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(known, indent=1))
+                os.replace(tmp, path)
+            return float(known[key])
+    except (OSError, ValueError, TypeError):   # no writable cache, or a damaged one: this process alone
+        return _measure()
+
+
 def speedup() -> float:
-    """F.linear's time over oneDNN's on one (2048, 192) x (768, 192).T fp32 product, best of 5 each; measured at
-    the first call and cached for the process (0 where the oneDNN op is missing)."""
+    """F.linear's time over oneDNN's on this machine (see the module docstring), once per process;
+    0 where the oneDNN op is missing."""
     global _SPEEDUP
-    if _SPEEDUP is None and _INNER_PRODUCT is None:
-        _SPEEDUP = 0.0
     if _SPEEDUP is None:
-        g = torch.Generator().manual_seed(0)
-        x, w = torch.randn(2048, 192, generator=g), torch.randn(768, 192, generator=g)   # tiny's fc1
-        with torch.no_grad():
-            _SPEEDUP = _best_time(lambda: F.linear(x, w)) / _best_time(lambda: _mm_t(x, w))
+        _SPEEDUP = 0.0 if _INNER_PRODUCT is None else _machine_verdict()
     return _SPEEDUP
+
+
+def _fixed_route() -> str:
+    route = os.environ.get(ROUTE_ENV, "")
+    if route not in ("", "onednn", "torch"):
+        raise ValueError(f"{ROUTE_ENV}={route!r}: expected onednn, torch, or unset (measured per machine)")
+    return route
 
 
 def uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -75,7 +136,12 @@ def uses_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     applies = (x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and x.numel() > 0
                and torch.get_float32_matmul_precision() == "highest" and not torch.is_autocast_enabled("cpu"))
-    return applies and speedup() > MIN_SPEEDUP
+    if not applies:
+        return False
+    route = _fixed_route()
+    if route:
+        return route == "onednn"
+    return speedup() > MIN_SPEEDUP
 
 
 class _OneDNNLinear(torch.autograd.Function):

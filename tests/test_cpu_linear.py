@@ -1,5 +1,7 @@
 """cpu_linear.py: the oneDNN route gives F.linear's values and gradients (float64 as the outside reference),
 and hands back to F.linear wherever it does not apply."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,8 +87,11 @@ def test_terramind_step_is_the_same_with_and_without_the_route(monkeypatch, rout
 
 
 @needs_onednn
-def test_route_follows_the_micro_benchmark_measured_once(monkeypatch):
-    """The route is taken only where oneDNN measured faster on this machine; the measurement runs once."""
+def test_route_follows_the_micro_benchmark_measured_once_per_machine(monkeypatch, tmp_path):
+    """The route is taken only where oneDNN measured faster on this machine. The measurement runs once per
+    machine: a later process reads the cached verdict, so every process of a run takes the same route."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv(cpu_linear.ROUTE_ENV, raising=False)
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", None)
     timed = []
     best_time = cpu_linear._best_time
@@ -96,7 +101,25 @@ def test_route_follows_the_micro_benchmark_measured_once(monkeypatch):
     ratio = cpu_linear.speedup()
     assert len(timed) == 2 and 0.1 < ratio < 20                 # F.linear and oneDNN, timed once each
     assert uses_onednn(x, w) == first == (ratio > cpu_linear.MIN_SPEEDUP) and len(timed) == 2
+    cached = json.loads(cpu_linear.cache_file().read_text())
+    assert list(cached.values()) == [ratio]
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", None)           # a new process on the same machine
+    assert cpu_linear.speedup() == ratio and len(timed) == 2    # reads the verdict, times nothing
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", 0.9)            # a machine where oneDNN is slower (issue 20's Xeon)
     assert not uses_onednn(x, w)
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", 1.5)
     assert uses_onednn(x, w)
+
+
+@needs_onednn
+def test_environment_fixes_the_route(monkeypatch):
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", 0.5)            # measured slower, but the user asks for it
+    monkeypatch.setenv(cpu_linear.ROUTE_ENV, "onednn")
+    assert uses_onednn(x, w)
+    monkeypatch.setattr(cpu_linear, "_SPEEDUP", 5.0)
+    monkeypatch.setenv(cpu_linear.ROUTE_ENV, "torch")
+    assert not uses_onednn(x, w)
+    monkeypatch.setenv(cpu_linear.ROUTE_ENV, "mkl")
+    with pytest.raises(ValueError, match="TERRAMIND_CPU_LINEAR='mkl'"):
+        uses_onednn(x, w)
