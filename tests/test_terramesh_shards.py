@@ -1,5 +1,5 @@
 """The published TerraMesh format: tar shards of zarr.zip samples read by hand (terramesh_shards.py) against what
-the real zarr library returned for the same files (tests/fixtures/zarr, made by make_zarr_fixtures.py), the LZ4
+the real zarr library returned for the same files (tests/fixtures/zarr_samples, made by make_zarr_fixtures.py), the LZ4
 and shuffle decoders against their format documents, and clear errors for bad shards."""
 import io
 import json
@@ -15,7 +15,7 @@ import torch
 
 import terramesh_shards as ts
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "zarr"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "zarr_samples"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 SAMPLES = sorted({key.split("/")[0] for key in EXPECTED})
 
