@@ -4,7 +4,7 @@
 # generation -> TiM fine-tuning -> PANGAEA-protocol segmentation and few-shot -> summary table.
 # Everything goes under one folder (OUT, default runs/cpu); the summary is $OUT/summary.md.
 # The sizes below are environment variables so that tests/test_pipeline.py runs the same chain smaller.
-#   bash run_cpu.sh                      # about 11 minutes on 2 cores
+#   bash run_cpu.sh                      # about 16 minutes on 2 cores
 #   OUT=runs/mine N=4000 PRETRAIN_STEPS=2000 bash run_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")"
