@@ -135,6 +135,29 @@ def writable_folder(path, flag: str = "--out") -> Path:
     return folder
 
 
+def output_file(path, flag: str = "--out", overwrite: bool = False) -> Path:
+    """An output file a command is about to write: its folder is created and proven writable now, and a file
+    already there is refused unless `overwrite` (the command's --overwrite flag) says to replace it."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if target.exists() and not overwrite:
+        raise ValueError(f"{flag} {path}: the file exists; pass --overwrite to replace it, or choose another name")
+    writable_folder(target.parent if str(target.parent) else ".", flag)
+    return target
+
+
+def distinct_outputs(paths: dict) -> None:
+    """Refuses two outputs of one command that resolve to the same file (`paths`: description -> path)."""
+    seen = {}
+    for what, path in paths.items():
+        key = Path(path).resolve()
+        if key in seen:
+            raise ValueError(f"{path}: both the {seen[key]} and the {what} would be written there; "
+                             f"give them different names")
+        seen[key] = what
+
+
 def one_line(error: BaseException) -> str:
     """The message of a refused input, one line. A DataLoader worker's error carries the worker's traceback
     in its text: its last line is the original message."""
