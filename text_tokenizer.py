@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cli import positive_int, run_main
+from cli import output_file, positive_int, run_main
 from terramesh import format_coords, parse_coords, write_text
 
 # -----------------------------------------------------------------------------------------------------------
@@ -481,6 +481,7 @@ def main():
     p.add_argument("--corpus", nargs="+", required=True, help="caption files (one per line) or folders of *.txt")
     p.add_argument("--vocab-size", type=positive_int, default=30_000, help="largest vocabulary (official: 30000)")
     p.add_argument("--out", required=True, help="tokenizer JSON to write (Hugging Face `tokenizers` format)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p = sub.add_parser("encode", help="print the ids and pieces of a text")
     p.add_argument("--tokenizer", default=str(OFFICIAL_VOCAB),
                    help="tokenizer JSON (default: the official v1 vocabulary in assets/official/)")
@@ -488,6 +489,7 @@ def main():
     args = parser.parse_args()
 
     if args.command == "train":
+        output_file(args.out, "--out", args.overwrite)   # before any work
         texts = read_corpus(args.corpus)
         t0 = time.perf_counter()
         tok = WordPieceTokenizer.train(texts, args.vocab_size)

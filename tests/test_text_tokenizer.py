@@ -281,6 +281,21 @@ def test_cli_train_and_encode(tmp_path):
     run = subprocess.run(cmd + ["encode", "--tokenizer", str(out), "Snow covers farmland."], capture_output=True,
                          text=True, cwd=ROOT)
     assert run.returncode == 0 and "'snow covers farmland.'" in run.stdout, run.stderr
-    run = subprocess.run(cmd + ["train", "--corpus", str(tmp_path / "missing"), "--out", str(out)],
+    run = subprocess.run(cmd + ["train", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "new.json")],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "missing: no such corpus file or folder" in run.stderr
+
+
+def test_cli_train_never_overwrites_a_file_unless_told(tmp_path):
+    """issue 19: an existing --out (a user's file, or an earlier vocabulary) is refused before the corpus is read."""
+    corpus, out = tmp_path / "captions.txt", tmp_path / "tok.json"
+    corpus.write_text("A river flows through farmland.\n")
+    out.write_text("a user's notes\n")
+    cmd = [sys.executable, str(ROOT / "text_tokenizer.py"), "train", "--corpus", str(corpus), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert f"--out {out}: the file exists; pass --overwrite" in run.stderr
+    assert out.read_text() == "a user's notes\n"
+    run = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert WordPieceTokenizer.from_file(out).encode("river") != []
