@@ -24,8 +24,10 @@ import numpy as np
 import tifffile
 from tqdm import tqdm
 
-from terramesh import (_TIFF_LAYOUT, BARE, BUILT, CLOUDS, CROPS, FLOODED, IMAGE_MODALITIES, MODALITIES, NO_DATA,
-                       RANGE, SNOW, TREES, WATER, format_coords, parse_coords, write_text)
+from geotiff import TIFF_LAYOUT, write_text
+from modalities import (BARE, BUILT, CLOUDS, CROPS, FLOODED, IMAGE_MODALITIES, MODALITIES,
+                        NO_DATA, RANGE, SNOW, TREES, WATER, format_coords, parse_coords)
+from shard_index import member_suffix
 from terramesh_shards import write_shard, zarr_zip
 
 # -----------------------------------------------------------------------------------------------------------
@@ -227,10 +229,9 @@ def synthesize(out, n=2000, size=64, seed=0, workers=None):
             list(tqdm(pool.imap_unordered(_write_sample, jobs, chunksize=16), total=n, desc="synth"))
     else:
         list(tqdm(map(_write_sample, jobs), total=n, desc="synth"))
-    ids = np.random.default_rng(seed).permutation([f"{i:05d}" for i in range(n)])
-    cut = [int(0.8 * n), int(0.9 * n)]
-    for name, part in zip(("train", "val", "test"), np.split(ids, cut)):
-        write_text(out / "splits" / f"{name}.txt", "\n".join(sorted(part)) + "\n")
+    for name, part in world_splits(n, seed).items():
+        ids = [f"{i:05d}" for i in part]
+        write_text(out / "splits" / f"{name}.txt", "\n".join(ids) + "\n")
 
 
 def _write_sample(job):
@@ -240,7 +241,7 @@ def _write_sample(job):
         if isinstance(x, str):
             write_text(Path(out) / m / f"{sid}.txt", x + "\n")
         else:
-            tifffile.imwrite(Path(out) / m / f"{sid}.tif", x, **_TIFF_LAYOUT[x.ndim])
+            tifffile.imwrite(Path(out) / m / f"{sid}.tif", x, **TIFF_LAYOUT[x.ndim])
 
 
 
@@ -253,6 +254,7 @@ PUBLISHED_DTYPES = {"S2L1C": "<i2", "S2L2A": "<i2", "S2RGB": "|u1", "S1GRD": "<f
 OPTICAL = ("S2L1C", "S2L2A", "S2RGB", "NDVI")                       # the modalities that carry a cloud_mask
 SUBSET_S1 = {"majortom": "S1RTC", "ssl4eos12": "S1GRD"}             # the one S-1 product of each subset
 SYNTH_TIME_NS = 1_561_000_000_000_000_000                           # 2019-06-20, the acquisition time we write
+BAND_DIMS = {"bands": {"_ARRAY_DIMENSIONS": ["time", "band", "y", "x"]}}   # xarray's dimension names
 
 
 def published(sample: dict) -> dict:
@@ -271,37 +273,55 @@ def zarr_member(bands: np.ndarray, m: str, coords: str, clouds: np.ndarray) -> b
               "time": np.array(0 if m == "DEM" else SYNTH_TIME_NS, "<i8")}                # DEM has time 0
     if m in OPTICAL:
         arrays["cloud_mask"] = clouds[None].astype(np.uint8)                              # (time, y, x)
-    dims = {"bands": {"_ARRAY_DIMENSIONS": ["time", "band", "y", "x"]}}
-    return zarr_zip(arrays, dims)
+    return zarr_zip(arrays, BAND_DIMS)
 
 
 def _sample_members(job) -> dict:
+    """{folder: member bytes} of one sample: its image modalities (one S-1 product, by subset) as
+    zarr.zip, and our extras: the caption as UTF-8 text, the water label as a zarr.zip class map."""
     seed, i, size, subset = job
     sample = synth_sample(seed, i, size)
     clouds = sample["LULC"] == CLOUDS
-    drop = [s1 for s, s1 in SUBSET_S1.items() if s != subset]
-    return {m: zarr_member(x, m, sample["coords"], clouds) for m, x in published(sample).items() if m not in drop}
+    other_s1 = [s1 for s, s1 in SUBSET_S1.items() if s != subset]
+    members = {}
+    for m, bands in published(sample).items():
+        if m not in other_s1:
+            members[m] = zarr_member(bands, m, sample["coords"], clouds)
+    members["caption"] = sample["caption"].encode("utf-8")
+    water = sample["label_water"][None, None].astype(np.uint8)               # (1, 1, H, W)
+    members["label_water"] = zarr_zip({"bands": water}, BAND_DIMS)
+    return members
+
+
+def world_splits(n: int, seed: int) -> dict[str, np.ndarray]:
+    """The world's splits, 80/10/10 of a permutation of the sample indices: {split: sorted indices}."""
+    ids = np.random.default_rng(seed).permutation(n)
+    cut = [int(0.8 * n), int(0.9 * n)]
+    parts = np.split(ids, cut)
+    return {name: np.sort(part) for name, part in zip(("train", "val", "test"), parts)}
 
 
 def synthesize_shards(out, n=400, size=264, seed=0, workers=None, shard_size=64):
-    """Writes the synthetic world in the published layout: the train ids (80%) under train/, the rest under
-    val/ (TerraMesh has no test split), `shard_size` samples per tar (at least two tars per split), the first
-    half of each split's shards majortom (S1RTC), the rest ssl4eos12 (S1GRD); ours: TerraMesh's shards are 89%
-    majortom. Deterministic in (seed, sample index)."""
-    ids = np.random.default_rng(seed).permutation(n)
+    """Writes the synthetic world in the published layout, split as the GeoTIFF world is (`world_splits`):
+    train/, val/ and our extra test/ split, `shard_size` samples per tar (at least two tars per split),
+    the first half of each split's shards majortom (S1RTC), the rest ssl4eos12 (S1GRD); ours: TerraMesh's
+    shards are 89% majortom. Beside the modalities, our extras: caption/ (`<key>.txt`) and label_water/
+    (`<key>.zarr.zip`). Deterministic in (seed, sample index)."""
     workers = workers or min(os.cpu_count() or 1, 8)
-    for split, part in zip(("train", "val"), np.split(ids, [int(0.8 * n)])):
-        number = 0                                                        # each split numbers from 1
-        count = max(min(2, len(part)), -(-len(part) // shard_size))          # both subsets in every split
-        shards = np.array_split(np.sort(part), count)
+    for split, part in world_splits(n, seed).items():
+        if not len(part):
+            continue
+        count = max(min(2, len(part)), -(-len(part) // shard_size))   # both subsets in every split
+        shards = np.array_split(part, count)
         for k, members in enumerate(shards):
-            number += 1
             subset = "majortom" if k < (len(shards) + 1) // 2 else "ssl4eos12"
-            _write_published_shard(Path(out) / split, f"{subset}_shard_{number:06d}.tar",
-                                   [(seed, int(i), size, subset) for i in members], workers)
+            name = f"{subset}_shard_{k + 1:06d}.tar"                    # each split numbers from 1
+            jobs = [(seed, int(i), size, subset) for i in members]
+            _write_published_shard(Path(out) / split, name, jobs, workers)
 
 
 def _write_published_shard(folder: Path, name: str, jobs: list, workers: int):
+    """One shard name in every folder: the members of `jobs`' samples, written as tars."""
     if workers > 1:
         import multiprocessing as mp
         with mp.get_context("fork").Pool(workers) as pool:
@@ -309,5 +329,6 @@ def _write_published_shard(folder: Path, name: str, jobs: list, workers: int):
     else:
         samples = list(tqdm(map(_sample_members, jobs), total=len(jobs), desc=name))
     for m in samples[0]:
-        members = {f"{i:05d}.zarr.zip": sample[m] for (_, i, _, _), sample in zip(jobs, samples)}
+        suffix = member_suffix(m)
+        members = {f"{i:05d}{suffix}": sample[m] for (_, i, _, _), sample in zip(jobs, samples)}
         write_shard(folder / m / name, members)

@@ -23,8 +23,6 @@ imports this file (never the other way); it has no command of its own:
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import os
@@ -32,10 +30,10 @@ import tarfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
+
+from shard_index import read_member
 
 try:   # optional fast path: the C decoders of numcodecs, used when installed (never a project requirement)
     import numcodecs
@@ -43,82 +41,6 @@ except ImportError:
     numcodecs = None
 
 USE_NUMCODECS = numcodecs is not None   # bench/bench_shards.py switches it off to time the hand-written path
-INDEX_VERSION = 1
-
-# -----------------------------------------------------------------------------------------------------------
-# The tar index: member -> (offset, size), from headers only, cached
-
-
-def tar_index(shard) -> dict:
-    """{"names": [...], "offsets": [...], "sizes": [...]} of the regular files in a tar, in tar order.
-    Read from a cache beside the shard (or in the user cache folder) when it matches the shard's size and
-    modification time; otherwise built from the tar headers and cached. A truncated tar raises ValueError."""
-    shard = Path(shard)
-    stat = shard.stat()
-    stamp = [stat.st_size, stat.st_mtime_ns, INDEX_VERSION]
-    for cache in _index_caches(shard):
-        try:
-            index = json.loads(cache.read_text())
-        except (OSError, ValueError):
-            continue
-        if index.get("stamp") == stamp:
-            return index
-    index = {"stamp": stamp, **_scan_tar(shard, stat.st_size)}
-    _write_index(shard, index)
-    return index
-
-
-def _index_caches(shard: Path) -> list[Path]:
-    """Where a shard's index may live: beside it, else in the user cache (keyed by the shard's full path)."""
-    digest = hashlib.sha1(str(shard.resolve()).encode()).hexdigest()[:16]
-    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return [shard.with_name(f".{shard.name}.index.json"),
-            home / "terramind" / "tar_index" / f"{shard.stem}-{digest}.json"]
-
-
-def _write_index(shard: Path, index: dict):
-    """Atomic write of the index to the first cache location that is writable; none writable is no error."""
-    text = json.dumps(index)
-    for cache in _index_caches(shard):
-        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
-            os.replace(tmp, cache)
-            return
-        except OSError:   # a read-only dataset folder: try the next location
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-def _scan_tar(shard: Path, size: int) -> dict:
-    names, offsets, sizes = [], [], []
-    try:
-        with tarfile.open(shard, "r:") as tar:   # "r:" = no compression: every member can be reached by seek
-            for member in tar:
-                if not member.isfile():
-                    continue
-                end = member.offset_data + member.size
-                if end > size:
-                    raise tarfile.ReadError(f"member {member.name} runs to byte {end}, the file has {size}")
-                names.append(member.name)
-                offsets.append(member.offset_data)
-                sizes.append(member.size)
-    except (tarfile.TarError, EOFError) as e:
-        raise ValueError(f"{shard}: not a readable tar, truncated? ({type(e).__name__}: {e})") from None
-    return {"names": names, "offsets": offsets, "sizes": sizes}
-
-
-def read_member(shard, name: str, offset: int, size: int) -> bytes:
-    """The bytes of one tar member, by seek."""
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise ValueError(f"{shard}: member {name} is truncated ({len(data)} of {size} bytes); "
-                         f"re-download the shard")
-    return data
-
 
 # -----------------------------------------------------------------------------------------------------------
 # A zarr v2 group in a zip (consolidated metadata)
@@ -362,54 +284,6 @@ def read_sample(shard, name: str, offset: int, size: int) -> dict:
     if "cloud_mask" in group:
         out["cloud_mask"] = group.read("cloud_mask")
     return out
-
-
-# -----------------------------------------------------------------------------------------------------------
-# The published layout: <root>/{train,val}/<MODALITY>/*.tar
-
-SPLITS = ("train", "val")   # the published folders; TerraMesh has no test split
-
-
-class Member(NamedTuple):
-    """Where one sample of one modality lives: a tar member, read by seek."""
-    shard: Path
-    name: str
-    offset: int
-    size: int
-
-    def __str__(self):
-        return f"{self.shard}, member {self.name}"
-
-
-def is_shard_root(root) -> bool:
-    """True for a folder in the published layout: a train/ or val/ folder with `<MODALITY>/*.tar` inside."""
-    root = Path(root)
-    return any(next((root / split).glob("*/*.tar"), None) is not None for split in SPLITS)
-
-
-def layout_modalities(root, splits=SPLITS) -> list[str]:
-    """The modality folders of the published layout (those with at least one tar) under the given splits."""
-    folders = {p.parent.name for split in splits for p in (Path(root) / split).glob("*/*.tar")}
-    return sorted(folders)
-
-
-def index_layout(root, splits, modalities) -> tuple[list[str], dict[str, dict[str, Member]]]:
-    """The sample keys of `splits` (in split, shard and tar order; keys of a modality's shards first seen
-    there) and {modality: {key: Member}} for each modality folder. Tars are indexed by `tar_index`."""
-    shards = [p for split in splits for m in modalities for p in sorted((Path(root) / split / m).glob("*.tar"))]
-    files: dict[str, dict[str, Member]] = {m: {} for m in modalities}
-    order: dict[tuple, dict[str, None]] = {}                # (split, shard name) -> keys in tar order
-    for shard in tqdm(shards, desc="index shards", disable=len(shards) < 16, leave=False):
-        index = tar_index(shard)
-        found = files[shard.parent.name]
-        keys = order.setdefault((shard.parent.parent.name, shard.name), {})
-        for name, offset, size in zip(index["names"], index["offsets"], index["sizes"]):
-            if name.endswith(".zarr.zip"):
-                key = name[:-len(".zarr.zip")]
-                found[key] = Member(shard, name, offset, size)
-                keys[key] = None
-    ids = [key for split in splits for (s, _), keys in sorted(order.items()) if s == split for key in keys]
-    return ids, files
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def _tiny_root(tmp_path, modalities=("S2L2A", "S1GRD", "DEM")):
     s = synthetic.synth_sample(0, 1, 32)
     for m in modalities:
         (root / m).mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(root / m / "a.tif", s[m], **tm._TIFF_LAYOUT[s[m].ndim])
+        tifffile.imwrite(root / m / "a.tif", s[m], **tm.TIFF_LAYOUT[s[m].ndim])
     return root, s
 
 
@@ -155,7 +155,7 @@ def test_truncated_and_unreadable_tiff(tmp_path):
 
 def test_wrong_band_count(tmp_path):
     root, s = _tiny_root(tmp_path)
-    tifffile.imwrite(root / "S1GRD" / "a.tif", s["S2L2A"][..., :3], **tm._TIFF_LAYOUT[3])
+    tifffile.imwrite(root / "S1GRD" / "a.tif", s["S2L2A"][..., :3], **tm.TIFF_LAYOUT[3])
     with pytest.raises(ValueError, match=r"S1GRD/a\.tif: expected 2 band\(s\), got .*\(32, 32, 3\)"):
         tm.TerraMeshDataset(root, size=None)[0]
 
@@ -195,7 +195,7 @@ def test_nan_pixels_become_the_mean(tmp_path):
     root, s = _tiny_root(tmp_path)
     x = s["S1GRD"].copy()
     x[:4, :, 0] = np.nan
-    tifffile.imwrite(root / "S1GRD" / "a.tif", x, **tm._TIFF_LAYOUT[3])
+    tifffile.imwrite(root / "S1GRD" / "a.tif", x, **tm.TIFF_LAYOUT[3])
     ds = tm.TerraMeshDataset(root, size=None)
     with pytest.warns(UserWarning, match=r"S1GRD/a\.tif: replaced 128 NaN pixels"):
         out = ds[0]["S1GRD"]

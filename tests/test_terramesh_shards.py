@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import shard_index as si
 import terramesh_shards as ts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "zarr_samples"
@@ -35,9 +36,9 @@ def shard(tmp_path):
 
 
 def group(shard, sample):
-    index = ts.tar_index(shard)
+    index = si.tar_index(shard)
     k = index["names"].index(f"{sample}.zarr.zip")
-    data = ts.read_member(shard, index["names"][k], index["offsets"][k], index["sizes"][k])
+    data = si.read_member(shard, index["names"][k], index["offsets"][k], index["sizes"][k])
     return ts.ZarrGroup(data, f"{shard}, member {sample}")
 
 
@@ -89,7 +90,7 @@ def test_numcodecs_path_when_installed(shard):
 
 
 def test_read_sample(shard, hand_written):
-    index = ts.tar_index(shard)
+    index = si.tar_index(shard)
     k = index["names"].index("lz4_shuffle.zarr.zip")
     sample = ts.read_sample(shard, index["names"][k], index["offsets"][k], index["sizes"][k])
     expected = np.load(FIXTURES / "expected.npz")
@@ -134,11 +135,11 @@ def test_bit_unshuffle_inverts_the_bit_transpose():
 def test_index_is_cached_and_matches_tarfile(shard, monkeypatch):
     with tarfile.open(shard) as tar:
         truth = [(m.name, m.offset_data, m.size) for m in tar]
-    index = ts.tar_index(shard)
+    index = si.tar_index(shard)
     assert list(zip(index["names"], index["offsets"], index["sizes"])) == truth
     assert (shard.parent / f".{shard.name}.index.json").exists()
-    monkeypatch.setattr(ts, "_scan_tar", lambda *a: pytest.fail("rescanned a shard whose index is cached"))
-    assert ts.tar_index(shard)["names"] == index["names"]
+    monkeypatch.setattr(si, "_scan_tar", lambda *a: pytest.fail("rescanned a shard whose index is cached"))
+    assert si.tar_index(shard)["names"] == index["names"]
 
 
 def test_index_of_a_read_only_folder_goes_to_the_user_cache(shard, tmp_path, monkeypatch):
@@ -150,8 +151,8 @@ def test_index_of_a_read_only_folder_goes_to_the_user_cache(shard, tmp_path, mon
             raise PermissionError(13, "Permission denied", str(dst))
         replace(src, dst)
 
-    monkeypatch.setattr(ts.os, "replace", read_only_dataset)
-    index = ts.tar_index(shard)
+    monkeypatch.setattr(si.os, "replace", read_only_dataset)
+    index = si.tar_index(shard)
     cached = list((tmp_path / "cache" / "terramind" / "tar_index").glob("codecs-*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["names"] == index["names"]
     assert not list(shard.parent.glob(".*.json*"))
@@ -189,12 +190,12 @@ def rezip(data: bytes, change) -> bytes:
 def test_truncated_tar(shard):
     shard.write_bytes(shard.read_bytes()[:30_000])
     with pytest.raises(ValueError, match=r"codecs.tar: not a readable tar, truncated\?"):
-        ts.tar_index(shard)
+        si.tar_index(shard)
 
 
 def test_member_that_is_not_a_zip(tmp_path):
     bad = write_tar(tmp_path / "bad.tar", {"k1.zarr.zip": b"this is not a zip file at all"})
-    index = ts.tar_index(bad)
+    index = si.tar_index(bad)
     with pytest.raises(ValueError, match=r"bad.tar, member k1.zarr.zip: not a zip file"):
         ts.read_sample(bad, "k1.zarr.zip", index["offsets"][0], index["sizes"][0])
 
@@ -202,7 +203,7 @@ def test_member_that_is_not_a_zip(tmp_path):
 def test_zip_without_zmetadata(shard, tmp_path):
     data = rezip(member(shard, "zlib.zarr.zip"), lambda name, b: None if name == ".zmetadata" else b)
     bad = write_tar(tmp_path / "bad.tar", {"k2.zarr.zip": data})
-    index = ts.tar_index(bad)
+    index = si.tar_index(bad)
     with pytest.raises(ValueError, match=r"bad.tar, member k2.zarr.zip: the zip has no .zmetadata"):
         ts.read_sample(bad, "k2.zarr.zip", index["offsets"][0], index["sizes"][0])
 
@@ -223,7 +224,7 @@ def test_chunk_size_disagrees_with_zarray(shard, tmp_path, sample, hand_written)
         za["chunks"][-1] += 1
     bad = write_tar(tmp_path / "bad.tar", {"k3.zarr.zip": rezip(member(shard, f"{sample}.zarr.zip"),
                                                                 consolidated(wider))})
-    index = ts.tar_index(bad)
+    index = si.tar_index(bad)
     with pytest.raises(ValueError, match=r"bad.tar, member k3.zarr.zip, array bands, chunk bands/0\.0\.0\.0.*"
                                          r"(decompressed to \d+ bytes|lz4 block decompressed to)"):
         ts.read_sample(bad, "k3.zarr.zip", index["offsets"][0], index["sizes"][0])
@@ -239,7 +240,7 @@ def test_unsupported_codec_and_filter(shard, tmp_path, hand_written):
                             (delta, r"array bands: unsupported zarr filters \['delta'\]")]:
         bad = write_tar(tmp_path / "bad.tar", {"k4.zarr.zip": rezip(member(shard, "zlib.zarr.zip"),
                                                                     consolidated(change))})
-        index = ts.tar_index(bad)
+        index = si.tar_index(bad)
         with pytest.raises(ValueError, match=r"bad.tar, member k4.zarr.zip, " + message):
             ts.read_sample(bad, "k4.zarr.zip", index["offsets"][0], index["sizes"][0])
         os.remove(bad)
@@ -309,10 +310,9 @@ def test_missing_s1_product_and_splits(layouts):
     assert tm.dataset_modalities(shards, "val") == ["S2L1C", "S2L2A", "S2RGB", "S1GRD", "DEM", "LULC", "NDVI",
                                                     "coords"]
     assert tm.has_split(shards, "val") and not tm.has_split(shards, "test")
-    with pytest.raises(ValueError, match="published layout has the splits train, val, not 'test'"):
+    with pytest.raises(ValueError, match="no split folder 'test'; the published layout has train/ and val/"):
         tm.TerraMeshDataset(shards, split="test")
-    with pytest.raises(ValueError, match="label folders need the GeoTIFF layout"):
-        tm.TerraMeshDataset(shards, labels="label_water")
+    assert len(tm.TerraMeshDataset(shards, labels="label_water")) == 0      # no label folder: no sample
 
 
 def test_coords_only_and_unknown_folder(layouts, tmp_path):
@@ -332,9 +332,9 @@ def test_written_samples_read_by_zarr(layouts, tmp_path):
     zarr = pytest.importorskip("zarr", reason="reading our zarr.zip with the real library needs the zarr package")
     _, shards = layouts
     shard = shards / "val" / "S1GRD" / "ssl4eos12_shard_000002.tar"
-    index = ts.tar_index(shard)
+    index = si.tar_index(shard)
     path = tmp_path / "sample.zarr.zip"
-    path.write_bytes(ts.read_member(shard, index["names"][0], index["offsets"][0], index["sizes"][0]))
+    path.write_bytes(si.read_member(shard, index["names"][0], index["offsets"][0], index["sizes"][0]))
     group = zarr.open_consolidated(zarr.ZipStore(str(path), mode="r"), mode="r")
     mine = ts.read_sample(shard, index["names"][0], index["offsets"][0], index["sizes"][0])
     assert group["bands"].dtype == np.float16 and group["bands"].shape == (1, 2, 264, 264)
@@ -384,11 +384,76 @@ def test_synthetic_world_in_the_published_layout(tmp_path):
     import terramesh as tm
     synthetic.synthesize_shards(tmp_path, n=10, size=72, workers=1)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/S2L2A/*.tar"))
-    assert names == ["train/S2L2A/majortom_shard_000001.tar", "train/S2L2A/ssl4eos12_shard_000002.tar",
-                     "val/S2L2A/majortom_shard_000001.tar", "val/S2L2A/ssl4eos12_shard_000002.tar"]
+    assert names == ["test/S2L2A/majortom_shard_000001.tar",          # 10 samples: 8 / 1 / 1
+                     "train/S2L2A/majortom_shard_000001.tar", "train/S2L2A/ssl4eos12_shard_000002.tar",
+                     "val/S2L2A/majortom_shard_000001.tar"]
     assert not list(tmp_path.glob("*/S1GRD/majortom*")) and not list(tmp_path.glob("*/S1RTC/ssl4eos12*"))
     ds = tm.TerraMeshDataset(tmp_path, size=None)
-    assert sorted(ds.ids) == [f"{i:05d}" for i in range(10)] and "caption" not in ds.modalities
+    assert sorted(ds.ids) == [f"{i:05d}" for i in range(10)] and "caption" in ds.modalities
     sample, truth = ds[0], synthetic.synth_sample(0, int(ds.ids[0]), 72)
     assert sample["coords"] == truth["coords"] and sample["S2L2A"].shape == (12, 72, 72)
+    assert sample["caption"] == truth["caption"]
     np.testing.assert_array_equal(tm.destandardize("DEM", sample["DEM"].numpy())[0].round(), truth["DEM"])
+
+
+def test_the_same_world_in_both_layouts(tmp_path):
+    """synth --layout shards writes the GeoTIFF world's splits, captions, coords and water labels."""
+    import synthetic
+    import terramesh as tm
+    synthetic.synthesize(tmp_path / "tiff", n=20, size=64, workers=1)
+    synthetic.synthesize_shards(tmp_path / "shards", n=20, size=64, workers=1, shard_size=4)
+    for split in ("train", "val", "test"):
+        a = tm.TerraMeshDataset(tmp_path / "tiff", split=split, labels="label_water", size=64)
+        b = tm.TerraMeshDataset(tmp_path / "shards", split=split, labels="label_water", size=64)
+        assert sorted(b.ids) == list(a.ids) and len(b) > 0, split
+        for k in range(len(b)):
+            x, y = a[a.ids.index(b.ids[k])], b[k]
+            for key in ("caption", "coords", "label_water", "S2L2A", "DEM", "LULC"):
+                if isinstance(x[key], str):
+                    assert x[key] == y[key]
+                else:
+                    assert torch.equal(x[key], y[key]), (split, key)
+            s1 = [m for m in ("S1GRD", "S1RTC") if m in y]
+            assert len(s1) == 1                                       # one S-1 product per subset
+            torch.testing.assert_close(y[s1[0]], x[s1[0]], atol=0.01, rtol=0)   # float16 dB
+
+
+def test_compact_index_reads_like_lists_and_dicts(layouts):
+    import terramesh as tm
+    _, shards = layouts
+    ds = tm.TerraMeshDataset(shards, size=None)
+    assert list(ds.ids) == ["00000", "00001", "00002"] and ds.ids[1:] == ["00001", "00002"]
+    assert ds.ids.index("00002") == 2 and "00001" in ds.ids and "nope" not in ds.ids
+    with pytest.raises(ValueError, match="'nope' is not a sample key"):
+        ds.ids.index("nope")
+    for m in ("S1GRD", "S1RTC", "DEM"):
+        truth = {}
+        for tar_path in sorted(shards.glob(f"*/{m}/*.tar")):
+            with tarfile.open(tar_path) as tar:
+                for info in tar:
+                    truth[info.name[:-len(".zarr.zip")]] = (tar_path, info.name, info.offset_data, info.size)
+        assert {k: tuple(v) for k, v in ds.files[m].items()} == truth and len(ds.files[m]) == len(truth)
+    assert ds.files["S1GRD"].get("00000") is None and "00002" in ds.files["coords"]
+    kept = tm.TerraMeshDataset(shards, ["S1GRD"])
+    assert list(kept.ids) == ["00002"]                      # only samples that have a modality asked for
+
+
+def test_export_and_captions_commands(layouts, tmp_path, monkeypatch):
+    import synthetic
+    import terramesh as tm
+    tiffs, shards = layouts
+    key = tm.export_sample(shards, tmp_path / "x", split="train", names=["S2L2A", "DEM", "S1RTC"])
+    assert key == "00000"
+    for m in ("S2L2A", "DEM", "S1RTC"):
+        got, want = tm.read_tiff(tmp_path / "x" / f"{m}.tif")[0], tm.read_tiff(tiffs / m / f"{key}.tif")[0]
+        np.testing.assert_array_equal(got.reshape(want.shape), want.astype(got.dtype))
+    assert tm.export_sample(shards, tmp_path / "y", names=["S1GRD"]) == "00002"   # first with S1GRD
+    with pytest.raises(ValueError, match="the file exists; pass --overwrite"):
+        tm.export_sample(shards, tmp_path / "y", names=["S1GRD"])
+    synthetic.synthesize_shards(tmp_path / "w", n=10, size=64, workers=1)
+    monkeypatch.setattr("sys.argv", ["terramesh.py", "captions", "--root", str(tmp_path / "w"),
+                                     "--split", "train", "--out", str(tmp_path / "c.txt")])
+    tm.main()
+    ids = synthetic.world_splits(10, 0)["train"]
+    lines = (tmp_path / "c.txt").read_text(encoding="utf-8").splitlines()
+    assert sorted(lines) == sorted(synthetic.synth_sample(0, int(i), 64)["caption"] for i in ids)
