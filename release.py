@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 
 import terramesh
+from cli import output_file, run_main
 from fsq_tokenizer import ImageTokenizer, TokenizerConfig, load_state_strict, tokenizer_path
 from terramind import ENTRIES, PRESETS, CHECKPOINT, TerraMind, TerraMindConfig, entry_modality, official_key
 
@@ -186,10 +186,23 @@ def missing_files(config: TerraMindConfig | None, codes: dict) -> list[str]:
                     f"input" for m in terramesh.TOKENIZED_IMAGES if m not in codes]
 
 
-def convert(release, out) -> None:
-    """Converts every official file of `release` into the checkpoint folder `out` and says what is missing."""
+def check_outputs(out: Path, names: list[str], overwrite: bool) -> None:
+    """Refuses, before any official file is read, an output file that is already in `out` (unless
+    `overwrite`). A folder that does not exist yet is made only once there is something to write."""
+    if not out.exists():
+        return
+    for name in names:
+        output_file(out / name, "--out", overwrite)
+
+
+def convert(release, out, overwrite: bool = False) -> None:
+    """Converts every official file of `release` into the checkpoint folder `out` and says what is missing.
+    An output file already in `out` is refused unless `overwrite`."""
     release, out = Path(release), Path(out)
     models, tokenizers = find_release(release)
+    names = [CHECKPOINT] if models else []
+    names += [tokenizer_path(out, m).name for m in tokenizers]
+    check_outputs(out, names, overwrite)
     print(f"found in {release}:")
     config = convert_model(models[0], out) if models else None
     codes = {m: convert_tokenizer(p, m, out) for m, p in tokenizers.items()}   # {modality: codebook size}
@@ -209,12 +222,10 @@ def main():
     c = sub.add_parser("convert", help="official .pt files of a folder -> one checkpoint folder")
     c.add_argument("--release", required=True, help="folder with TerraMind_v1_<size>.pt, TerraMind_Tokenizer_<MOD>.pt")
     c.add_argument("--out", required=True, help="checkpoint folder to write (terramind.safetensors, tokenizer_<MOD>...)")
+    c.add_argument("--overwrite", action="store_true", help="replace files of an earlier conversion in --out")
     args = p.parse_args()
-    try:
-        convert(args.release, args.out)
-    except (ValueError, KeyError, OSError) as e:   # one line, no traceback
-        sys.exit(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}")
+    convert(args.release, args.out, args.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -119,6 +119,24 @@ def test_refuses_truncated_foreign_and_code_running_files(official, tmp_path):
         load_official(write_release(tmp_path / "m", fix, meta, ["TerraMind_v1_tiny.pt"])[0], "tokenizer")
 
 
+
+def test_convert_never_overwrites_a_file_unless_told(official, tmp_path):
+    """issue 19: a file already in --out (an earlier conversion, or a user's) is refused before any official
+    file is read; --overwrite replaces it."""
+    fix, meta = official
+    release, out = tmp_path / "downloads", tmp_path / "out"
+    write_release(release, fix, meta, ["TerraMind_v1_tiny.pt", "TerraMind_Tokenizer_LULC.pt"])
+    out.mkdir()
+    (out / "terramind.safetensors").write_text("a user's file")
+    p = command("release.py", "convert", "--release", release, "--out", out, check=False)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert f"--out {out / 'terramind.safetensors'}: the file exists; pass --overwrite" in p.stderr
+    assert (out / "terramind.safetensors").read_text() == "a user's file"
+    assert not (out / "tokenizer_LULC.safetensors").exists()          # nothing written before the refusal
+    command("release.py", "convert", "--release", release, "--out", out, "--overwrite")
+    assert TerraMind.from_checkpoint(out).config.dim == 64
+    assert (out / "tokenizer_LULC.safetensors").exists()
+
 def readme_blocks() -> list[list[str]]:
     """The commands of each bash block of the README section "Use the released model", continuations joined."""
     text = (ROOT / "README.md").read_text()
