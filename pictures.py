@@ -1,7 +1,8 @@
 """
-Pictures without an image library: a PNG encoder (zlib), a 3x5 pixel font, labelled sheets of panels and
-line plots (loss curves). Every stage that draws imports from here; `terramesh.render` turns a modality
-into RGB. Nothing here knows about modalities.
+Pictures without an image library: a PNG encoder (zlib), a 3x5 pixel font,
+labelled sheets of panels and line plots (loss curves). Every stage that draws
+imports from here; `terramesh.render` turns a modality into RGB. Nothing here
+knows about modalities.
 
     from pictures import save_png, save_sheet, plot_curves
     save_sheet("sheet.png", [("S2L2A", rgb), ("LULC", rgb2)], lines=["lat=1.00 lon=2.00"])
@@ -17,21 +18,25 @@ from pathlib import Path
 import numpy as np
 
 # line colours for plots, readable on white
-COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14),
+          (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127),
+          (188, 189, 34), (23, 190, 207)]
 
 
 def save_png(path, rgb: np.ndarray):
-    """Writes uint8 (H, W, 3) or (H, W) as PNG: signature, IHDR, zlib-compressed IDAT, IEND (RFC 2083).
-    Atomic: written to a temporary file, then renamed."""
+    """Writes uint8 (H, W, 3) or (H, W) as PNG: signature, IHDR, zlib-compressed
+    IDAT, IEND (RFC 2083). Atomic: written to a temporary file, then renamed."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     h, w = rgb.shape[:2]
     color = 2 if rgb.ndim == 3 else 0
-    rows = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, -1)], 1)   # filter byte 0 per row
+    filter_bytes = np.zeros((h, 1), np.uint8)                     # filter 0 per row
+    rows = np.concatenate([filter_bytes, rgb.reshape(h, -1)], 1)
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -66,26 +71,30 @@ def draw_text(img, text, y, x, scale=2, color=(0, 0, 0)):
 
 
 def ramp(t, stops):
-    """Colour ramp: t (any shape) -> (..., 3) float by linear interpolation between (position, rgb) stops."""
+    """Colour ramp: t (any shape) -> (..., 3) float by linear interpolation
+    between (position, rgb) stops."""
     pos = np.array([s[0] for s in stops], np.float32)
     cols = np.array([s[1] for s in stops], np.float32)
     return np.stack([np.interp(t, pos, cols[:, c]) for c in range(3)], -1)
 
 
-def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None, min_size=128,
-               max_size=None):
-    """Lays (title, rgb) panels out in a grid with their titles above them, optional text lines below,
-    and writes a PNG. Small panels are enlarged (nearest) to at least `min_size` pixels, large ones
-    subsampled to at most `max_size`."""
+def save_sheet(path, panels: list, columns: int | None = None, lines: list | None = None,
+               min_size=128, max_size=None):
+    """Lays (title, rgb) panels out in a grid with their titles above them,
+    optional text lines below, and writes a PNG. Small panels are enlarged
+    (nearest) to at least `min_size` pixels, large ones subsampled to at most
+    `max_size`."""
     if max_size:
-        panels = [(t, p[::-(-p.shape[0] // max_size), ::-(-p.shape[1] // max_size)]) for t, p in panels]
+        panels = [(t, subsample(p, max_size)) for t, p in panels]
     columns = columns or len(panels)
     size = max(max(p.shape[0], p.shape[1]) for _, p in panels)
     zoom = max(1, -(-min(min_size, max_size or min_size) // size))
     cell, pad, title = size * zoom, 8, 16
     rows = -(-len(panels) // columns)
     text_h = 14 * len(lines or [])
-    img = np.full((rows * (cell + title + pad) + pad + text_h, columns * (cell + pad) + pad, 3), 255, np.uint8)
+    height = rows * (cell + title + pad) + pad + text_h
+    width = columns * (cell + pad) + pad
+    img = np.full((height, width, 3), 255, np.uint8)
     for k, (name, rgb) in enumerate(panels):
         r, c = divmod(k, columns)
         y, x = pad + r * (cell + title + pad), pad + c * (cell + pad)
@@ -97,10 +106,18 @@ def save_sheet(path, panels: list, columns: int | None = None, lines: list | Non
     save_png(path, img)
 
 
-def plot_curves(path, series: dict, title="", xlabel="step", hlines: dict | None = None, log_y=False,
-                size=(360, 640)):
-    """Line plot of {name: (xs, ys)} with dashed horizontal reference lines {name: y}, a legend, and
-    min/max tick labels, as a PNG. `log_y` plots log10(y)."""
+def subsample(panel: np.ndarray, max_size: int) -> np.ndarray:
+    """Every k-th pixel, so that neither side is over `max_size`."""
+    step_y = -(-panel.shape[0] // max_size)
+    step_x = -(-panel.shape[1] // max_size)
+    return panel[::step_y, ::step_x]
+
+
+def plot_curves(path, series: dict, title="", xlabel="step", hlines: dict | None = None,
+                log_y=False, size=(360, 640)):
+    """Line plot of {name: (xs, ys)} with dashed horizontal reference lines
+    {name: y}, a legend, and min/max tick labels, as a PNG. `log_y` plots
+    log10(y)."""
     h, w = size
     img = np.full((h, w, 3), 255, np.uint8)
     left, right, top, bottom = 70, w - 150, 24, h - 30
@@ -121,10 +138,11 @@ def plot_curves(path, series: dict, title="", xlabel="step", hlines: dict | None
         if x is None:
             yy = int(round(float(py([y])[0])))
             if top <= yy <= bottom:
-                img[yy, left:right:6] = img[yy, left + 1:right:6] = img[yy, left + 2:right:6] = color
+                for dash in range(3):                                 # 3 px on, 3 off
+                    img[yy, left + dash:right:6] = color
         else:
             cx, cy = px(x), py(y)
-            for a in range(len(cx) - 1):                                       # dense samples along segments
+            for a in range(len(cx) - 1):             # dense samples along segments
                 n = int(max(abs(cx[a + 1] - cx[a]), abs(cy[a + 1] - cy[a]))) + 2
                 sx = np.linspace(cx[a], cx[a + 1], n).round().astype(int)
                 sy = np.linspace(cy[a], cy[a + 1], n).round().astype(int)
