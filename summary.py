@@ -1,10 +1,12 @@
 """
-The summary table of a run_cpu.sh / run_gpu.sh run: one line per headline number of each stage, next to the
-trivial baseline it has to beat.
+The summary table of a run_cpu.sh / run_gpu.sh run: one line per headline
+number of each stage, next to the trivial baseline it has to beat.
 
-Consumes the output folder of run_cpu.sh (every stage's own result files: tokenizers_eval/metrics_<MOD>.json,
-pretrain/log.jsonl, generate/eval/eval.json, tim/*/results.json, pangaea/*/results.json, times.tsv) and writes
-<out>/summary.md (the table, printed too) and <out>/summary.json (the same rows, for tests/test_pipeline.py).
+Consumes the output folder of run_cpu.sh (every stage's own result files:
+tokenizers_eval/metrics_<MOD>.json, pretrain/log.jsonl, generate/eval/eval.json,
+tim/*/results.json, pangaea/*/results.json, times.tsv) and writes
+<out>/summary.md (the table, printed too) and <out>/summary.json (the same rows,
+for tests/test_pipeline.py).
 
     python summary.py runs/cpu
 """
@@ -20,11 +22,15 @@ from terramesh import write_text
 from terramind import TerraMindConfig
 
 
-def row(stage: str, metric: str, value, baseline=None, higher_is_better=True, baseline_name="") -> dict:
-    """One summary line; `beats` says whether value is on the good side of the baseline (None: no baseline)."""
-    beats = None if baseline is None or value is None else (value > baseline if higher_is_better else value < baseline)
-    return {"stage": stage, "metric": metric, "value": value, "baseline": baseline, "baseline_name": baseline_name,
-            "beats": beats}
+def row(stage: str, metric: str, value, baseline=None, higher_is_better=True,
+        baseline_name="") -> dict:
+    """One summary line; `beats` says whether value is on the good side of the
+    baseline (None: no baseline)."""
+    beats = None
+    if baseline is not None and value is not None:
+        beats = value > baseline if higher_is_better else value < baseline
+    return {"stage": stage, "metric": metric, "value": value, "baseline": baseline,
+            "baseline_name": baseline_name, "beats": beats}
 
 
 def tokenizer_rows(out: Path) -> list[dict]:
@@ -32,13 +38,16 @@ def tokenizer_rows(out: Path) -> list[dict]:
     for path in sorted((out / "tokenizers_eval").glob("metrics_*.json")):
         r = json.loads(path.read_text())
         m, metrics, used = r["modality"], r["metrics"], 100 * r["codebook"]["used"]
+        codes = f"({used:.0f}% of codes used)"
         if m == "LULC":
-            rows.append(row("tokenizer", f"LULC pixel accuracy % ({used:.0f}% of codes used)",
-                            100 * metrics["ViT decoder"]["acc"], 100 * metrics["mean image"]["acc"],
+            rows.append(row("tokenizer", f"LULC pixel accuracy % {codes}",
+                            100 * metrics["ViT decoder"]["acc"],
+                            100 * metrics["mean image"]["acc"],
                             baseline_name="majority class"))
         else:
-            rows.append(row("tokenizer", f"{m} RMSE ({used:.0f}% of codes used)", metrics["clip 1"]["RMSE"],
-                            metrics["mean image"]["RMSE"], higher_is_better=False, baseline_name="mean image"))
+            rows.append(row("tokenizer", f"{m} RMSE {codes}", metrics["clip 1"]["RMSE"],
+                            metrics["mean image"]["RMSE"], higher_is_better=False,
+                            baseline_name="mean image"))
     return rows
 
 
@@ -47,25 +56,32 @@ def pretrain_rows(out: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(2, "no checkpoint", str(path))
     config = TerraMindConfig(**read_header(path)["config"])
-    lines = [json.loads(s) for s in (out / "pretrain" / "log.jsonl").read_text().splitlines()]
+    log = (out / "pretrain" / "log.jsonl").read_text().splitlines()
+    lines = [json.loads(s) for s in log]
     step, val = [(r["step"], r["val"]) for r in lines if "val" in r][-1]
-    return [row("pretrain", f"val loss {e} (step {step}, nats)", loss, math.log(config.vocab_size(e)),
-                higher_is_better=False, baseline_name="log V") for e, loss in val.items()]
+    rows = []
+    for e, loss in val.items():
+        rows.append(row("pretrain", f"val loss {e} (step {step}, nats)", loss,
+                        math.log(config.vocab_size(e)), higher_is_better=False,
+                        baseline_name="log V"))
+    return rows
 
 
 def generation_rows(out: Path) -> list[dict]:
     rows = []
     for r in json.loads((out / "generate" / "eval" / "eval.json").read_text()):
         if "RMSE" in r:
-            rows.append(row("generate", f"{r['pair']} RMSE", r["RMSE"], r["mean_image_RMSE"], False, "mean image"))
+            rows.append(row("generate", f"{r['pair']} RMSE", r["RMSE"],
+                            r["mean_image_RMSE"], False, "mean image"))
         elif "acc" in r:
-            rows.append(row("generate", f"{r['pair']} pixel accuracy %", 100 * r["acc"], 100 * r["majority_acc"],
-                            baseline_name="majority class"))
+            rows.append(row("generate", f"{r['pair']} pixel accuracy %", 100 * r["acc"],
+                            100 * r["majority_acc"], baseline_name="majority class"))
         elif "water_iou" in r:
-            rows.append(row("generate", f"zero-shot water IoU % from {r['pair']}", r["water_iou"],
-                            r["all_water_iou"], baseline_name="all water"))
+            rows.append(row("generate", f"zero-shot water IoU % from {r['pair']}",
+                            r["water_iou"], r["all_water_iou"], baseline_name="all water"))
         elif "median_km" in r:
-            rows.append(row("generate", f"{r['pair']} median error km ({r['parsed']}/{r['n']} parsed)",
+            parsed = f"({r['parsed']}/{r['n']} parsed)"
+            rows.append(row("generate", f"{r['pair']} median error km {parsed}",
                             r["median_km"]))
     return rows
 
@@ -74,17 +90,21 @@ def finetune_rows(out: Path) -> list[dict]:
     rows = []
     for path in sorted((out / "tim").glob("*/results.json")):
         r = json.loads(path.read_text())
-        name = "+".join(r["modalities"]) + (" + gen. " + "+".join(r["tim"]) if r["tim"] else " (plain)")
-        rows.append(row("TiM", f"{name}: water IoU %", r["test"]["iou"][r["water"]], 0.0, baseline_name="all land"))
-        rows.append(row("TiM", f"{name}: mIoU %", r["test"]["miou"], 50.0, baseline_name="any constant"))
+        thinking = " + gen. " + "+".join(r["tim"]) if r["tim"] else " (plain)"
+        name = "+".join(r["modalities"]) + thinking
+        water = r["test"]["iou"][r["water"]]
+        rows.append(row("TiM", f"{name}: water IoU %", water, 0.0, baseline_name="all land"))
+        rows.append(row("TiM", f"{name}: mIoU %", r["test"]["miou"], 50.0,
+                        baseline_name="any constant"))
     for path in sorted((out / "pangaea").glob("*/results.json")):
         r = json.loads(path.read_text())
         if "miou" in r:
-            rows.append(row("PANGAEA", f"{r['dataset']} mIoU % (frozen encoder)", r["miou"], 50.0,
-                            baseline_name="any constant"))
+            rows.append(row("PANGAEA", f"{r['dataset']} mIoU % (frozen encoder)", r["miou"],
+                            50.0, baseline_name="any constant"))
         if "accuracy" in r:
-            rows.append(row("few-shot", f"{r['shots']}-shot {r['ways']}-way accuracy % ({r['runs']} runs)",
-                            r["accuracy"], r["chance"], baseline_name="chance"))
+            task = f"{r['shots']}-shot {r['ways']}-way accuracy % ({r['runs']} runs)"
+            rows.append(row("few-shot", task, r["accuracy"], r["chance"],
+                            baseline_name="chance"))
     return rows
 
 
@@ -100,15 +120,21 @@ def stage_times(out: Path) -> list[tuple[str, float]]:
 def markdown(rows: list[dict], times: list[tuple[str, float]]) -> str:
     def fmt(x):
         return "–" if x is None else f"{x:.4g}"
-    lines = ["| Stage | Metric | Value | Trivial baseline | Beats it |", "|---|---|---|---|---|"]
+    lines = ["| Stage | Metric | Value | Trivial baseline | Beats it |",
+             "|---|---|---|---|---|"]
     for r in rows:
-        base = f"{fmt(r['baseline'])} ({r['baseline_name']})" if r["baseline"] is not None else "–"
+        base = "–"
+        if r["baseline"] is not None:
+            base = f"{fmt(r['baseline'])} ({r['baseline_name']})"
         mark = {True: "yes", False: "**no**", None: "–"}[r["beats"]]
         lines.append(f"| {r['stage']} | {r['metric']} | {fmt(r['value'])} | {base} | {mark} |")
     if times:
-        lines += ["", "| Stage | " + " | ".join(n for n, _ in times) + " | total |",
+        names = " | ".join(n for n, _ in times)
+        seconds = " | ".join(f"{t:.0f}" for _, t in times)
+        total = sum(t for _, t in times)
+        lines += ["", f"| Stage | {names} | total |",
                   "|---" * (len(times) + 2) + "|",
-                  "| wall s | " + " | ".join(f"{t:.0f}" for _, t in times) + f" | {sum(t for _, t in times):.0f} |"]
+                  f"| wall s | {seconds} | {total:.0f} |"]
     return "\n".join(lines) + "\n"
 
 
@@ -121,7 +147,8 @@ def main():
         try:
             rows += part(out)
         except FileNotFoundError as e:   # a stage that did not run: say so, summarize the rest
-            missing.append(f"{part.__name__.removesuffix('_rows')}: {e.filename} missing")
+            stage = part.__name__.removesuffix("_rows")
+            missing.append(f"{stage}: {e.filename} missing")
     text = markdown(rows, stage_times(out)) + "".join(f"\nnot run: {m}" for m in missing)
     print(text)
     write_text(out / "summary.md", text)
