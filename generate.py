@@ -14,8 +14,9 @@ Targets are generated in the user's order, each one an encoder input of the next
     / linear / onex, top-k, top-p, classifier-free guidance. coords, caption: autoregressive from [S_1];
   * decoding: tokenizers (`--diffusion-steps` DDIM steps; LULC by argmax) to physical units, coords to (lon,
     lat), captions to text. Tiles larger than the model's (config.grid x 16 px) run in overlapping windows
-    (paper §11.1) that fill one token grid, each conditioned on its neighbours' tokens, decoded in one piece;
-    `--scene` (generate_scene) reads those windows from the files and decodes and writes window row by row.
+    (paper §11.1) that fill one token grid, each conditioned on its neighbours' tokens, decoded in tile-sized
+    windows; `--scene` (generate_scene) reads those windows from the files and writes the decoded rows as they
+    are final, equal to the in-memory result.
 
 Python: `generate(model, tokenizers, {"S2L2A": x}, ["LULC", "coords"])`, `generate_tokens(...)`, `Sampling`.
 
@@ -52,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cli import fraction, nonnegative_float, nonnegative_int, positive_int, run_main, torch_device, writable_folder
+from cli import (distinct_outputs, fraction, nonnegative_float, nonnegative_int, output_file, positive_int, run_main,
+                 torch_device, writable_folder)
 from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
@@ -512,7 +514,7 @@ def decode_window_row(tokenizer, name: str, ids: torch.Tensor, r: int, th: int, 
 
 
 def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, seed: int, batch_size: int,
-                timer: Timer, first_row: int = 0, standardized: bool = False):
+                timer: Timer, first_row: int = 0, standardized: bool = False, generator=None):
     """Token grid (B, Hp/16, Wp/16) -> yields (a, `decoded` rows a..b (B, [C,] b - a, Wp)) once per decoding row
     from `first_row` on, each band final. Every window is decoded alone at the model's tile size, as in training,
     from the shared noise of its patches (window_noise); overlapping windows are averaged with `ramp` weights.
@@ -522,6 +524,11 @@ def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, 
     Hp, Wp, per = ids.shape[-2] * PATCH, ids.shape[-1] * PATCH, max(1, batch_size // ids.shape[0])
     th, tw = min(tile, Hp), min(tile, Wp)
     rows, cols = decode_starts(Hp, tile), decode_starts(Wp, tile)
+    if len(rows) == len(cols) == 1:   # one tile: the one window is the grid, decoded as the official code does
+        with timer("diffusion" if MODALITIES[name].decoder == "diffusion" else f"{name} decoder"):
+            x = tokenizer.decode(ids, steps=steps, generator=generator)
+        yield 0, decoded(name, x, standardized)
+        return
     base = rows[first_row] if first_row < len(rows) else Hp   # first row not yet final
     total = ids.new_zeros(ids.shape[0], tokenizer.channels, 0, Wp, dtype=torch.float32)   # (B, C, rows, Wp)
     weights = ids.new_zeros(0, Wp, dtype=torch.float32)
@@ -546,7 +553,7 @@ def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, 
 def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sampling=None,
              text_tokenizer: WordPieceTokenizer | None = None, diffusion_steps: int = 10, seed: int = 0,
              standardized: bool = False, batch_size: int = 16, timer: Timer | None = None,
-             decode: str = "grid", input_scale: str = "pixels") -> dict:
+             input_scale: str = "pixels") -> dict:
     """Any-to-any chained generation for notebooks and the command line.
 
     inputs {modality: value}: images (C, H, W) or (B, C, H, W) in physical units (standardized ones if
@@ -555,8 +562,8 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
     Returns {modality: images (B, C, H, W) in physical units (standardized if `standardized`), LULC class maps
     (B, H, W) int64, coords [(lon, lat) | None], captions [str]}. Inputs larger than the model's tile run in
     overlapping windows that write one shared token grid (each window conditioned on the tokens its neighbours
-    already wrote), decoded once by the tokenizers (`decode="windows"`: window by window, as generate_scene
-    does); sequences come from the centre window. input_scale "tokens": image inputs enter through their
+    already wrote), decoded in tile-sized windows as generate_scene decodes them (decode_rows); sequences
+    come from the centre window. input_scale "tokens": image inputs enter through their
     tokenizer even where the model has a pixel embedding (to_entries)."""
     dev, tgt, timer = model.mask_token.device, [target_entry(t) for t in targets], timer or Timer()
     sampling = limit_vocab(sampling, text_tokenizer)
@@ -588,18 +595,12 @@ def generate(model: TerraMind, tokenizers: dict, inputs: dict, targets: list, sa
                                  sampling, generator, (plan.th // PATCH, plan.tw // PATCH), timer,
                                  {e: [t[plan.cell(*plan.centre)] for t in canvas[e]] for e in canvas})
         out.update({n: decode_sequence(n, tokens[e], text_tokenizer) for n, e in zip(targets[split:], tgt[split:])})
-    for name, e in zip(targets, tgt):   # DEVIATION (paper §11.1 averages decoded windows): the whole grid at once,
-        # so decoder border effects do not repeat at every window (measured: 2-3x the column jumps at window edges)
+    for name, e in zip(targets, tgt):   # tile-sized windows, as the scene path decodes (decode_rows)
         if MODALITIES[name].kind != "image":
             continue
-        if decode == "windows":
-            rows = decode_rows(tokenizers[name], name, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer,
-                               standardized=standardized)
-            out[name] = torch.cat([band for _, band in rows], -2)[..., :H, :W]
-            continue
-        with timer("diffusion" if name != "LULC" else "LULC decoder"):
-            x = tokenizers[name].decode(canvas[e][0], steps=diffusion_steps, generator=generator)[..., :H, :W]
-        out[name] = decoded(name, x, standardized)
+        rows = decode_rows(tokenizers[name], name, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer,
+                           standardized=standardized, generator=generator)
+        out[name] = torch.cat([band for _, band in rows], -2)[..., :H, :W]
     timer.samples += B
     return {n: out[n] for n in targets}
 
@@ -657,8 +658,8 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     """Generation over a scene of any size in bounded memory (--scene). paths {modality: GeoTIFF}, co-registered;
     image targets only. The scene's token grid is the one whole-scene array in memory: the windows of
     plan_windows read their pixels from the files as the waves reach them, then decode_rows decodes window row
-    by window row into <folder>/<target>.tif (tiled, the inputs' georeferencing). Equals generate(...,
-    decode="windows") on the same inputs. A checkpoint after each window row lets resume=True finish a killed
+    by window row into <folder>/<target>.tif (tiled, the inputs' georeferencing). Equals generate() on
+    the same inputs. A checkpoint after each window row lets resume=True finish a killed
     run into identical files. Returns the summary line."""
     if bad := [t for t in targets if MODALITIES[t].kind != "image"]:
         raise ValueError(f"--scene generates image targets only, not {bad}; run coords / captions on a tile")
@@ -694,8 +695,8 @@ def generate_scene(model: TerraMind, tokenizers: dict, paths: dict, targets: lis
     writers = {n: TiledWriter(folder / f"{n}.tif", 1 if n == "LULC" else MODALITIES[n].channels, H, W,
                               np.uint8 if n == "LULC" else np.float32, first.geo, resume=state is not None)
                for n in targets}
-    decoders = {n: decode_rows(tokenizers[n], n, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer, row)
-                for n, e in zip(targets, tgt)}
+    decoders = {n: decode_rows(tokenizers[n], n, canvas[e][0], tile, diffusion_steps, seed, batch_size, timer, row,
+                               generator=generator) for n, e in zip(targets, tgt)}
     write_scene(writers, decoders, H, W, range(row, len(decode_starts(Hp, tile))),
                 lambda i: progress.save(grid_state(canvas, generator), chunk=len(plan.chunks), row=i + 1))
     for w in writers.values():
@@ -725,6 +726,23 @@ def markdown(header: list, rows: list) -> str:
     return "".join("| " + " | ".join(map(str, r)) + " |\n" for r in [header, ["---"] * len(header), *rows])
 
 
+def claim_outputs(paths: dict, overwrite: bool) -> None:
+    """Before any work: two outputs on one path are refused, and so is a file already there unless
+    --overwrite (`paths`: what -> path)."""
+    distinct_outputs(paths)
+    for path in paths.values():
+        output_file(path, "--out", overwrite)
+
+
+def image_outputs(folder: Path, targets: list) -> dict:
+    """The GeoTIFF of every image target: {"<target> GeoTIFF": <folder>/<target>.tif}."""
+    outputs = {}
+    for i, name in enumerate(targets):
+        if name in MODALITIES and MODALITIES[name].kind == "image":
+            outputs[f"{name} GeoTIFF (target {i + 1})"] = folder / f"{name}.tif"
+    return outputs
+
+
 def run_scene(args, model, tokenizers, text):
     """--scene: image inputs streamed from their files, outputs written window row by window row."""
     paths, sequences = {}, {}
@@ -743,6 +761,11 @@ def run_scene(args, model, tokenizers, text):
 def run_generate(args):
     if args.resume and not args.scene:
         raise ValueError("--resume continues a --scene run; add --scene")
+    targets = [t for t in args.targets.split(",") if t]
+    outputs = image_outputs(Path(args.out), targets)
+    if not args.scene:
+        outputs.update({"sequences": Path(args.out) / "sequences.txt", "sheet": Path(args.out) / "sheet.png"})
+    claim_outputs(outputs, args.overwrite)
     model, tokenizers, text = load_stack(args)
     if args.scene:
         return run_scene(args, model, tokenizers, text)
@@ -787,6 +810,7 @@ def scaled_pairs(model, tokenizers, pairs: str, choice: str) -> list:
 
 
 def run_eval(args):
+    claim_outputs({"report": Path(args.out) / "eval.md", "records": Path(args.out) / "eval.json"}, args.overwrite)
     model, tokenizers, text = load_stack(args)
     timer, out_dir, sets = Timer(), Path(args.out), []
     if args.data:
@@ -808,6 +832,9 @@ def run_eval(args):
                 dst in s or dst == "LULC" and args.labels in s)]
             if not have or (dst not in tokenizers and (dst != "coords" or text is None)):
                 continue
+            sheet = out_dir / f"{title}_{src.replace('+', '_')}_to_{dst}{'_tokens' if tag else ''}.png"
+            if dst != "coords":   # before its samples are generated
+                output_file(sheet, "--out", args.overwrite)
             gen = []
             for k in tqdm(range(0, len(have), args.batch_size), desc=f"{src}:{dst}{tag}", leave=False):
                 inp = {m: [parse_coords(s[m]) for s in have[k:k + args.batch_size]] if m == "coords" else
@@ -828,8 +855,7 @@ def run_eval(args):
             panels += [(f"gen {dst}", render(dst, gen[0], True))] + [(f"true {k}", render(k, have[0][k], True))
                                                                     for k in (dst, args.labels) if k in have[0]]
             out_dir.mkdir(parents=True, exist_ok=True)
-            save_sheet(out_dir / f"{title}_{src.replace('+', '_')}_to_{dst}{'_tokens' if tag else ''}.png",
-                       panels)   # the first sample
+            save_sheet(sheet, panels)   # the first sample
             gen, truth = torch.stack(gen), [s.get(dst) for s in have]
             if dst == "LULC":
                 if all(t is not None for t in truth):
@@ -894,6 +920,7 @@ def main():
     parser.add_argument("--batch-size", type=positive_int, default=16, help="windows x samples per forward pass")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="seed of the torch.Generator behind all sampling")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files already in --out")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     if evaluate:
         parser.add_argument("--data", default=None, help="TerraMesh-layout folder with ground truth")

@@ -109,21 +109,39 @@ def scene_file(tmp_path, height=300, width=330) -> tuple[Path, np.ndarray, dict]
     return tmp_path / "s2.tif", x, geo
 
 
-def test_scene_equals_in_memory_generation(models, tmp_path):
-    """300 x 330 px of real S2L2A (reflect padding at both edges, 42 windows in 4 waves): the scene path's files
-    equal generate(decode="windows") bit for bit, and its token grid is the one of the default path."""
+def assert_scene_equals_in_memory(models, tmp_path, height, width, batch_size):
+    """The scene path's files equal generate() on the same pixels in memory, bit for bit."""
     model, tokenizers, _ = models
-    path, x, geo = scene_file(tmp_path)
+    path, x, geo = scene_file(tmp_path, height, width)
     ref = generate.generate(model, tokenizers, {"S2L2A": x.astype(np.float32)}, ["LULC", "S1GRD"], SAMPLING,
-                            diffusion_steps=2, batch_size=5, decode="windows")
+                            diffusion_steps=2, batch_size=batch_size)
     generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["LULC", "S1GRD"], tmp_path / "out", SAMPLING, 2,
-                            batch_size=5)
+                            batch_size=batch_size)
     lulc, tags = terramesh.read_tiff(tmp_path / "out" / "LULC.tif")
     s1, _ = terramesh.read_tiff(tmp_path / "out" / "S1GRD.tif")
     assert tags == geo and lulc.dtype == np.uint8 and s1.dtype == np.float32
     assert np.array_equal(lulc, ref["LULC"][0].numpy())
     assert np.array_equal(np.moveaxis(s1, -1, 0), ref["S1GRD"][0].numpy())
     assert not (tmp_path / "out" / "scene.progress.npz").exists()
+
+
+def test_scene_equals_in_memory_generation(models, tmp_path):
+    """300 x 330 px of real S2L2A (reflect padding at both edges, 42 windows in 4 waves): the scene path's files
+    equal generate() in memory bit for bit (one token grid, one windowed decoding for both)."""
+    assert_scene_equals_in_memory(models, tmp_path, 300, 330, batch_size=5)
+
+
+def test_one_tile_scene_equals_in_memory_generation(models, tmp_path):
+    """A scene of one 64 px tile: one window, decoded whole with the sampling generator as the official code
+    decodes a tile (diffusion noise from the generator, not per patch), in both paths."""
+    assert_scene_equals_in_memory(models, tmp_path, 64, 64, batch_size=5)
+
+
+@pytest.mark.slow
+def test_2048_px_scene_equals_in_memory_generation(models, tmp_path):
+    """The issue's size: a 2048 px scene (1849 generation windows, 3969 decoding windows per target) run in
+    windows from the file equals the in-memory large-tile path bit for bit."""
+    assert_scene_equals_in_memory(models, tmp_path, 2048, 2048, batch_size=16)
 
 
 def test_killed_scene_run_resumes_into_identical_files(models, tmp_path):
@@ -239,11 +257,48 @@ def test_windowed_decode_is_seamless(pretrained, tokenizers):
     model = TerraMind.from_checkpoint(pretrained.checkpoint).eval()
     s2 = torch.from_numpy(synth_sample(7, 0, size=512)["S2L2A"]).permute(2, 0, 1).float()
     out = generate.generate(model, load_tokenizers(tokenizers), {"S2L2A": s2}, ["DEM"],
-                            generate.Sampling(steps=1, temperature=0.0), diffusion_steps=2, batch_size=128,
-                            decode="windows")["DEM"][0, 0]
+                            generate.Sampling(steps=1, temperature=0.0), diffusion_steps=2,
+                            batch_size=128)["DEM"][0, 0]
     edges = sorted({s + d for s in generate.decode_starts(512, 64) for d in (0, 64)} - {0, 512})
     inner = [c for c in range(16, 512, 16) if c not in edges]
     for jumps in ((out[:, 1:] - out[:, :-1]).abs().mean(0), (out[1:] - out[:-1]).abs().mean(1)):
         ratio = float(jumps[[c - 1 for c in edges]].mean() / jumps[[c - 1 for c in inner]].mean())
         print(f"seam ratio {ratio:.2f}")
         assert ratio < 1.2
+
+
+@pytest.mark.slow
+def test_windowed_decode_against_the_whole_grid_decode_2048_px(pretrained, tokenizers, monkeypatch):
+    """The README's figures: a 2048 px synthetic S2L2A tile through the pretrained smoke stack, the token grid
+    decoded in tile-sized windows (the default) and at once (the decoding before issue 22), per target, in
+    physical units. Diffusion targets start from other noise in the two decodings, so their difference holds
+    the decoder's sampling spread as well as the windows' effect."""
+    from fsq_tokenizer import load_tokenizers
+    from synthetic import synth_sample
+    model = TerraMind.from_checkpoint(pretrained.checkpoint).eval()
+    toks = load_tokenizers(tokenizers)
+    s2 = torch.from_numpy(synth_sample(7, 0, size=2048)["S2L2A"]).permute(2, 0, 1).float()
+    grids, decode_rows = {}, generate.decode_rows
+
+    def capture(tokenizer, name, ids, *args, **kw):   # the token grid each target is decoded from
+        grids[name] = ids
+        return decode_rows(tokenizer, name, ids, *args, **kw)
+    monkeypatch.setattr(generate, "decode_rows", capture)
+    targets = ["LULC", "DEM", "S1GRD"]
+    out = generate.generate(model, toks, {"S2L2A": s2}, targets, generate.Sampling(steps=1, temperature=0.0),
+                            diffusion_steps=2, batch_size=128)
+    for name in targets:
+        with torch.no_grad():
+            x = toks[name].decode(grids[name], steps=2, generator=torch.Generator().manual_seed(0))
+        whole = generate.decoded(name, x)
+        if name == "LULC":
+            share = float((whole != out[name]).double().mean())
+            print(f"LULC: {100 * share:.2f}% of pixels in another class")
+            assert share < 0.2
+            continue
+        diff = (whole - out[name]).abs()[0]                                    # (C, H, W)
+        spread = out[name][0].std((1, 2))
+        for band in range(diff.shape[0]):
+            print(f"{name} band {band}: max abs {diff[band].max():.3f}, mean abs {diff[band].mean():.3f} "
+                  f"(output std {spread[band]:.3f})")
+        assert (diff.mean((1, 2)) < spread).all()
