@@ -293,3 +293,43 @@ def test_tokenized_inputs_enter_through_the_tokenizer():
         ("S2L2A", "LULC", "pixels"), ("S2L2A", "LULC", "tokens"), ("S1GRD", "LULC", "pixels"),
         ("S2L1C", "LULC", "pixels")]                                           # no S1GRD / S2L1C tokenizer here
     assert scaled_pairs(model, toks, "S2L2A:LULC", "pixels") == [("S2L2A", "LULC", "pixels")]
+
+
+def test_outputs_are_never_overwritten_without_the_flag(tmp_path, monkeypatch, capsys):
+    """Issue 19: an output file already in --out is refused before any work (its bytes untouched) unless
+    --overwrite; two outputs of one command on one path are refused; --scene likewise."""
+    import sys
+    import warnings
+
+    import numpy as np
+
+    import cli
+    import generate
+    from fsq_tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_path
+    from terramesh import read_tiff, write_geotiff
+    torch.manual_seed(0)
+    TerraMind(TerraMindConfig.preset("smoke")).save_checkpoint(tmp_path / "terramind.safetensors")
+    ImageTokenizer(TokenizerConfig.preset("smoke", "LULC")).save_checkpoint(tokenizer_path(tmp_path, "LULC"))
+    write_geotiff(tmp_path / "s2.tif", np.full((12, 64, 64), 1500, np.float32), {33550: (10.0, 10.0, 0.0)})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "LULC.tif").write_bytes(b"an earlier result")
+
+    def run(*flags, targets="LULC"):
+        argv = ["generate.py", "--model", tmp_path / "terramind.safetensors", "--input", f"S2L2A={tmp_path / 's2.tif'}",
+                "--targets", targets, "--out", out, "--device", "cpu", "--text-tokenizer", tmp_path / "none.json", *flags]
+        monkeypatch.setattr(sys, "argv", list(map(str, argv)))
+        with warnings.catch_warnings(action="ignore"):   # no text tokenizer: no coords / captions
+            try:
+                cli.run_main(generate.main)
+            except SystemExit as e:
+                return e.code, capsys.readouterr().err
+        return 0, capsys.readouterr().err
+    for flags in ([], ["--scene"]):
+        code, said = run(*flags)
+        assert code == 1 and f"--out {out / 'LULC.tif'}: the file exists; pass --overwrite" in said, said
+        assert (out / "LULC.tif").read_bytes() == b"an earlier result"
+    code, said = run("--overwrite", targets="LULC,LULC")
+    assert code == 1 and "both the LULC GeoTIFF (target 1) and the LULC GeoTIFF (target 2)" in said, said
+    assert run("--overwrite")[0] == 0
+    assert read_tiff(out / "LULC.tif")[0].shape == (64, 64)
