@@ -1,13 +1,15 @@
 """
-Checkpoint files: safetensors with the writer's config as JSON metadata (STYLE.md point 6), and their kinds.
+Checkpoint files: safetensors with the writer's config as JSON metadata (STYLE.md point 6), and
+their kinds.
 
-Every stage writes its weights, states and token shards with `save_safetensors` (atomic: temporary file,
-fsync, rename; a CRC32 over the tensors catches flipped bytes) and reads them with `load_safetensors`, which
-refuses a missing, truncated, corrupted or diverged (NaN) file with one line naming it. `checkpoint_kind`
-tells from the metadata which stage wrote a file, and `expect_kind` refuses a file another stage wrote,
-naming both kinds.
+Every stage writes its weights, states and token shards with `save_safetensors` (atomic:
+temporary file, fsync, rename; a CRC32 over the tensors catches flipped bytes) and reads them
+with `load_safetensors`, which refuses a missing, truncated, corrupted or diverged (NaN) file
+with one line naming it. `checkpoint_kind` tells from the metadata which stage wrote a file, and
+`expect_kind` refuses a file another stage wrote, naming both kinds.
 
-    python -c "import checkpoints as c; t, meta = c.load_safetensors('runs/cpu/pretrain/terramind.safetensors'); print(c.checkpoint_kind(meta))"
+    python -c "import checkpoints as c; t, meta = c.load_safetensors('model.safetensors');
+               print(c.checkpoint_kind(meta))"
 """
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Checkpoints: every stage writes safetensors with its config as JSON metadata (STYLE.md point 6)
 def save_safetensors(path, tensors: dict, meta: dict):
-    """Writes tensors plus JSON-able metadata ({"config": {...}, ...}) atomically: temp file, fsync, rename.
-    A crash mid-write leaves the previous file intact. Shared storage (tied weights) is cloned apart."""
+    """Writes tensors plus JSON-able metadata ({"config": {...}, ...}) atomically: temp file,
+    fsync, rename. A crash mid-write leaves the previous file intact. Shared storage (tied
+    weights) is cloned apart."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     seen, out = set(), {}
@@ -32,7 +35,8 @@ def save_safetensors(path, tensors: dict, meta: dict):
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
         out[k] = v.clone() if ptr in seen else v
         seen.add(ptr)
-    meta = {**meta, "crc32": _crc32(out)}           # detects flipped bytes that safetensors would load
+    # the CRC detects flipped bytes that safetensors would load
+    meta = {**meta, "crc32": _crc32(out)}
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     safetensors.torch.save_file(out, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     with open(tmp, "rb+") as f:
@@ -41,8 +45,8 @@ def save_safetensors(path, tensors: dict, meta: dict):
 
 
 def load_safetensors(path, device="cpu") -> tuple[dict, dict]:
-    """Reads a checkpoint written by `save_safetensors` -> (tensors, metadata). A missing, truncated or
-    corrupted file raises ValueError naming it."""
+    """Reads a checkpoint written by `save_safetensors` -> (tensors, metadata). A missing,
+    truncated or corrupted file raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -57,7 +61,8 @@ def load_safetensors(path, device="cpu") -> tuple[dict, dict]:
         raise ValueError(f"{path}: checkpoint is corrupted (checksum mismatch)")
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): written by a run that "
+        raise ValueError(f"{path}: {len(bad)} tensors hold NaN or inf (e.g. {bad[0]}): "
+                         f"written by a run that "
                          f"diverged; use an earlier checkpoint")
     return tensors, meta
 
@@ -75,7 +80,8 @@ CHECKPOINT_KINDS = {   # what each stage writes, told apart by the metadata keys
 
 
 def checkpoint_kind(meta: dict) -> str:
-    """Which stage wrote a checkpoint, from its metadata: a key of CHECKPOINT_KINDS, or 'unknown file'."""
+    """Which stage wrote a checkpoint, from its metadata: a key of CHECKPOINT_KINDS, or 'unknown
+    file'."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     if "opt_ids" in meta:
         return "TiM state" if "sched" in meta else "pretrain state"
@@ -95,12 +101,15 @@ def checkpoint_kind(meta: dict) -> str:
 
 
 def expect_kind(path, meta: dict, *expected: str):
-    """Refuses a checkpoint another stage wrote: the error names the kind given and the kind expected."""
+    """Refuses a checkpoint another stage wrote: the error names the kind given and the kind
+    expected."""
     kind = checkpoint_kind(meta)
     article = lambda k: "an" if k[0] in "aeiou" else "a"   # noqa: E731
     if kind not in expected:
-        given = f"{article(kind)} {kind} ({CHECKPOINT_KINDS[kind]})" if kind in CHECKPOINT_KINDS else \
-            "not a checkpoint of this project"
+        if kind in CHECKPOINT_KINDS:
+            given = f"{article(kind)} {kind} ({CHECKPOINT_KINDS[kind]})"
+        else:
+            given = "not a checkpoint of this project"
         want = " or ".join(f"{article(k)} {k} ({CHECKPOINT_KINDS[k]})" for k in expected)
         raise ValueError(f"{path}: is {given}; expected {want}")
 
@@ -109,5 +118,6 @@ def _crc32(tensors: dict) -> int:
     crc = 0
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
-        crc = zlib.crc32(t.view(torch.uint8).numpy() if t.numel() else b"", zlib.crc32(k.encode(), crc))
+        data = t.view(torch.uint8).numpy() if t.numel() else b""
+        crc = zlib.crc32(data, zlib.crc32(k.encode(), crc))
     return crc
