@@ -1,25 +1,27 @@
 """
-Where each sample lives in a TerraMesh root of the published layout: the tar index and the layout index.
+Where each sample lives in a TerraMesh root of the published layout: the tar index and the
+layout index.
 
-TerraMesh is published as `<root>/<split>/<FOLDER>/<subset>_shard_<NNNNNN>.tar` (paper §3; official: the
-dataset card's loader `terramesh.py`), one tar member per sample and folder. This file finds the members
-without decoding anything:
+TerraMesh is published as `<root>/<split>/<FOLDER>/<subset>_shard_<NNNNNN>.tar` (paper §3;
+official: the dataset card's loader `terramesh.py`), one tar member per sample and folder. This
+file finds the members without decoding anything:
 
-  * `tar_index`: member name -> (offset, size) of one tar, from its headers alone, cached as JSON beside
-    the shard (or under ~/.cache/terramind/tar_index when the dataset folder is read-only), so that a
-    restart never rescans;
+  * `tar_index`: member name -> (offset, size) of one tar, from its headers alone, cached as
+    JSON beside the shard (or under ~/.cache/terramind/tar_index when the dataset folder is
+    read-only), so that a restart never rescans;
   * `index_layout`: every tar of some splits and folders as one compact table. At full scale
-    (9,089,536 train samples x 8 modalities) a dict of members per modality would take tens of GB and be
-    copied into every DataLoader worker; here the keys are one numpy bytes array and each folder holds
-    three numpy columns (shard, offset, size), looked up by binary search. `SampleKeys` (the sample keys
-    in shard order) and `FolderMembers` (one folder's members by key) read that table like a list and a
-    dict.
+    (9,089,536 train samples x 8 modalities) a dict of members per modality would take tens of
+    GB and be copied into every DataLoader worker; here the keys are one numpy bytes array and
+    each folder holds three numpy columns (shard, offset, size), looked up by binary search.
+    `SampleKeys` (the sample keys in shard order) and `FolderMembers` (one folder's members by
+    key) read that table like a list and a dict.
 
-Folders: the published modalities (train and val), plus extras a user may add in the same structure and
-that the synthetic world writes: a `test` split, `caption/` tars of `<key>.txt` members and label folders
-`label_*` of `<key>.zarr.zip` members. terramesh_shards.py and terramesh.py import this file:
+Folders: the published modalities (train and val), plus extras a user may add in the same
+structure and that the synthetic world writes: a `test` split, `caption/` tars of `<key>.txt`
+members and label folders `label_*` of `<key>.zarr.zip` members. terramesh_shards.py and
+terramesh.py import this file:
 
-    python -c "import shard_index as s; print(len(s.tar_index('val/S2L2A/majortom_shard_000001.tar')['names']))"
+    python -c "import shard_index as s; print(s.tar_index('val/S2L2A/majortom_shard_000001.tar'))"
 """
 from __future__ import annotations
 
@@ -36,19 +38,22 @@ import numpy as np
 from tqdm import tqdm
 
 INDEX_VERSION = 1
-# published: train and val; ours: `test`, an extra split a user may add (the synthetic world writes one)
+# published: train and val; ours: `test`, an extra split a user may add
+# (the synthetic world writes one)
 SPLITS = ("train", "val", "test")
 PUBLISHED_SPLITS = ("train", "val")
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The tar index: member -> (offset, size), from headers only, cached
 
 
 def tar_index(shard) -> dict:
-    """{"names": [...], "offsets": [...], "sizes": [...]} of the regular files in a tar, in tar order.
+    """{"names": [...], "offsets": [...], "sizes": [...]} of the regular files in a tar, in tar
+    order.
 
-    Read from a cache beside the shard (or in the user cache folder) when it matches the shard's size and
-    modification time; otherwise built from the tar headers and cached. A truncated tar raises ValueError.
+    Read from a cache beside the shard (or in the user cache folder) when it matches the shard's
+    size and modification time; otherwise built from the tar headers and cached. A truncated tar
+    raises ValueError.
     """
     shard = Path(shard)
     stat = shard.stat()
@@ -66,7 +71,8 @@ def tar_index(shard) -> dict:
 
 
 def _index_caches(shard: Path) -> list[Path]:
-    """Where a shard's index may live: beside it, else in the user cache (keyed by its full path)."""
+    """Where a shard's index may live: beside it, else in the user cache (keyed by its full
+    path)."""
     digest = hashlib.sha1(str(shard.resolve()).encode()).hexdigest()[:16]
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     beside = shard.with_name(f".{shard.name}.index.json")
@@ -105,7 +111,8 @@ def _scan_tar(shard: Path, size: int) -> dict:
                 offsets.append(member.offset_data)
                 sizes.append(member.size)
     except (tarfile.TarError, EOFError) as e:
-        raise ValueError(f"{shard}: not a readable tar, truncated? ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{shard}: not a readable tar, truncated? "
+                         f"({type(e).__name__}: {e})") from None
     return {"names": names, "offsets": offsets, "sizes": sizes}
 
 
@@ -120,7 +127,7 @@ def read_member(shard, name: str, offset: int, size: int) -> bytes:
     return data
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The layout: <root>/<split>/<FOLDER>/*.tar
 
 
@@ -136,7 +143,8 @@ class Member(NamedTuple):
 
 
 def member_suffix(folder: str) -> str:
-    """The member name of a sample is its key plus this: UTF-8 text for captions, else a zarr group."""
+    """The member name of a sample is its key plus this: UTF-8 text for captions, else a zarr
+    group."""
     if folder == "caption":
         return ".txt"
     return ".zarr.zip"
@@ -174,9 +182,10 @@ def index_layout(root, splits, folders) -> tuple[SampleKeys, dict[str, FolderMem
 class LayoutTable:
     """The members of some folders of a published-layout root, as numpy columns.
 
-    `keys` (K,) are the sample keys, sorted, as bytes; `order` (N,) lists positions in `keys` in sample
-    order; per folder, `shard` (K,) int32 (-1 where the sample has no member), `offset` (K,) int64 and
-    `size` (K,) uint32 describe the member of each key; `shards` names the tar files.
+    `keys` (K,) are the sample keys, sorted, as bytes; `order` (N,) lists positions in `keys` in
+    sample order; per folder, `shard` (K,) int32 (-1 where the sample has no member), `offset`
+    (K,) int64 and `size` (K,) uint32 describe the member of each key; `shards` names the tar
+    files.
     """
 
     def __init__(self, root: Path, splits, folders: list[str]):
@@ -201,7 +210,8 @@ class LayoutTable:
 
     @staticmethod
     def _shard_groups(root: Path, splits, folders) -> list[list[tuple[str, Path]]]:
-        """The tars grouped by (split, shard name): [(folder, path), ...] per group, in sample order."""
+        """The tars grouped by (split, shard name): [(folder, path), ...] per group, in sample
+        order."""
         groups: dict[tuple[int, str], list] = {}
         for s, split in enumerate(splits):
             for folder in folders:
@@ -219,11 +229,13 @@ class LayoutTable:
         offsets = np.array([index["offsets"][k] for k in keep], np.int64)
         sizes = np.array([index["sizes"][k] for k in keep], np.int64)
         if sizes.size and sizes.max() >= 2 ** 32:
-            raise ValueError(f"{path}: a member of {sizes.max()} bytes; samples are expected under 4 GB")
+            raise ValueError(f"{path}: a member of {sizes.max()} bytes; "
+                             f"samples are expected under 4 GB")
         return np.array(keys, dtype=bytes), offsets, sizes.astype(np.uint32)
 
     def _columns(self, parts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One folder's (shard, offset, size) columns, aligned with `keys`; a later member of a key wins."""
+        """One folder's (shard, offset, size) columns, aligned with `keys`; a later member of a
+        key wins."""
         shard = np.full(len(self.keys), -1, np.int32)
         offset = np.zeros(len(self.keys), np.int64)
         size = np.zeros(len(self.keys), np.uint32)
@@ -264,7 +276,8 @@ def first_seen(keys: np.ndarray) -> np.ndarray:
 
 
 class SampleKeys(Sequence):
-    """The sample keys in sample order, as strings, read from the table's bytes (a read-only list)."""
+    """The sample keys in sample order, as strings, read from the table's bytes (a read-only
+    list)."""
 
     def __init__(self, keys: np.ndarray, order: np.ndarray):
         self.keys, self.order = keys, order

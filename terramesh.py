@@ -1,30 +1,31 @@
 """
-The data stage: reading TerraMesh, in either of its layouts, and the commands that write and look at data.
+The data stage: reading TerraMesh, in either of its layouts, and the commands that write and
+look at data.
 
-TerraMind is pretrained on TerraMesh: co-registered samples of up to nine modalities (paper §3). This file
-holds
+TerraMind is pretrained on TerraMesh: co-registered samples of up to nine modalities (paper §3).
+This file holds
 
-  * `TerraMeshDataset`, the reader every stage uses. It consumes a folder in one of two layouts and returns
-    standardized tensors, refusing bad files with a clear error:
-      - GeoTIFF: `<root>/<MODALITY>/<id>.tif`, `caption/<id>.txt`, `coords/<id>.txt`, label folders
-        `label_*/<id>.tif` and `splits/<split>.txt`;
+  * `TerraMeshDataset`, the reader every stage uses. It consumes a folder in one of two layouts
+    and returns standardized tensors, refusing bad files with a clear error:
+      - GeoTIFF: `<root>/<MODALITY>/<id>.tif`, `caption/<id>.txt`, `coords/<id>.txt`, label
+        folders `label_*/<id>.tif` and `splits/<split>.txt`;
       - published (as TerraMesh is on the Hugging Face hub): `<root>/<split>/<FOLDER>/*.tar` of
-        `<key>.zarr.zip` samples (terramesh_shards.py reads them, shard_index.py finds them). Published
-        folders: `train/`, `val/` and the modalities in them. Our extras in the same structure, which the
-        synthetic world writes and a user may add: a `test/` split, `caption/` tars of `<key>.txt` and
-        label folders `label_*` of `<key>.zarr.zip` class maps;
+        `<key>.zarr.zip` samples (terramesh_shards.py reads them, shard_index.py finds them).
+        Published folders: `train/`, `val/` and the modalities in them. Our extras in the same
+        structure, which the synthetic world writes and a user may add: a `test/` split,
+        `caption/` tars of `<key>.txt` and label folders `label_*` of `<key>.zarr.zip` class maps;
   * `read_input`, one --input tile or text of generate.py and the fine-tuning scripts;
-  * the commands: `synth` writes the synthetic world of synthetic.py, `stats` and `show` look at a dataset,
-    `export` writes one sample's tiles as GeoTIFFs (a --input for generate.py), `captions` writes the
-    captions as one text file (a --corpus for text_tokenizer.py).
+  * the commands: `synth` writes the synthetic world of synthetic.py, `stats` and `show` look at
+    a dataset, `export` writes one sample's tiles as GeoTIFFs (a --input for generate.py),
+    `captions` writes the captions as one text file (a --corpus for text_tokenizer.py).
 
-The modality table lives in modalities.py, GeoTIFF and text I/O in geotiff.py, checkpoint files in
-checkpoints.py and pictures in render.py; this file re-exports their names, so `from terramesh import
-MODALITIES` keeps working for every stage.
+The modality table lives in modalities.py, GeoTIFF and text I/O in geotiff.py, checkpoint files
+in checkpoints.py and pictures in render.py; this file re-exports their names, so `from
+terramesh import MODALITIES` keeps working for every stage.
 
-    python terramesh.py synth --out data/synth --n 2000 --size 64      # synthetic world (CPU, seconds)
+    python terramesh.py synth --out data/synth --n 2000 --size 64    # CPU, seconds
     python terramesh.py synth --layout shards --out data/synth264 --n 400 --size 264
-    python terramesh.py stats --root data/synth                        # per-band stats vs official ones
+    python terramesh.py stats --root data/synth           # per-band stats vs official ones
     python terramesh.py show --root data/synth --id 00000 --out sample.png
     python terramesh.py show --root assets/terramesh --id 637U_59R_1_3 --out real.png
     python terramesh.py export --root data/synth264 --split test --modality S2L2A --out tiles/
@@ -70,8 +71,8 @@ from terramesh_shards import read_sample
 def read_input(name: str, value):
     """A --input value -> (physical array or text, georeferencing tags or None).
 
-    Images: a GeoTIFF path; coords / caption: a .txt path or the text itself. S1 no-data (NaN) becomes
-    the band mean, with a warning.
+    Images: a GeoTIFF path; coords / caption: a .txt path or the text itself. S1 no-data (NaN)
+    becomes the band mean, with a warning.
     """
     m = MODALITIES.get(name)
     if m is None or not value:
@@ -97,26 +98,28 @@ def read_input(name: str, value):
 
 
 def is_label(folder: str) -> bool:
-    """Label folders (`label`, `label_water`, ...) hold per-pixel class maps, our extra beside the data."""
+    """Label folders (`label`, `label_water`, ...) hold per-pixel class maps, our extra beside
+    the data."""
     return folder == "label" or folder.startswith("label_")
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # The dataset
 
 class TerraMeshDataset(torch.utils.data.Dataset):
     """Samples of a TerraMesh folder in the GeoTIFF or the published layout (module docstring).
 
-    `ds[i]` is a dict with one entry per modality the sample has: image modalities as standardized
-    float32 (C, H, W), LULC as an int64 class map (H, W), caption and coords as strings, the label (if
-    asked for) as int64 (H, W). Missing modalities are simply absent. `size` crops every image to
-    size x size ("center" or "random" crop, the same window for all modalities of a sample); `size=None`
-    keeps the full tile.
+    `ds[i]` is a dict with one entry per modality the sample has: image modalities as
+    standardized float32 (C, H, W), LULC as an int64 class map (H, W), caption and coords as
+    strings, the label (if asked for) as int64 (H, W). Missing modalities are simply absent.
+    `size` crops every image to size x size ("center" or "random" crop, the same window for all
+    modalities of a sample); `size=None` keeps the full tile.
 
-    GeoTIFF layout: `split` reads the sample ids from `<root>/splits/<split>.txt`; `files[m][id]` is a
-    path. Published layout: ids are the sample keys in shard order (`ds.ids` a read-only sequence over a
-    compact index), `split` is a split folder (all of them when None), `files[m][key]` is a tar member,
-    and coords is the text of the sample's centre (any image member has it).
+    GeoTIFF layout: `split` reads the sample ids from `<root>/splits/<split>.txt`;
+    `files[m][id]` is a path. Published layout: ids are the sample keys in shard order (`ds.ids`
+    a read-only sequence over a compact index), `split` is a split folder (all of them when
+    None), `files[m][key]` is a tar member, and coords is the text of the sample's centre (any
+    image member has it).
     """
 
     def __init__(self, root, modalities=None, size=224, crop="center", seed=0, split=None,
@@ -128,7 +131,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such dataset folder")
         self.epoch = 0
-        self.nan_replaced: dict[str, int] = {}          # modality -> NaN pixels replaced (this process)
+        # modality -> NaN pixels replaced (this process)
+        self.nan_replaced: dict[str, int] = {}
         self.published = is_shard_root(self.root)
         if self.published:
             self._index_shards(modalities, split, labels)
@@ -136,7 +140,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             self._index_tiffs(modalities, split, labels)
 
     def _index_tiffs(self, modalities, split, labels):
-        """The GeoTIFF layout: a file per modality and sample; ids from a split file or the folders."""
+        """The GeoTIFF layout: a file per modality and sample; ids from a split file or the
+        folders."""
         folders = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
         unknown = {f for f in folders - set(MODALITIES) - {"splits"} if not is_label(f)}
         if unknown:
@@ -163,13 +168,15 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             self.ids = [i for i in self.ids if i in self.files[labels]]
 
     def _index_shards(self, modalities, split, labels):
-        """The published layout: every tar of the split(s) indexed (cached beside it), keys in shard order."""
+        """The published layout: every tar of the split(s) indexed (cached beside it), keys in
+        shard order."""
         splits = self._shard_splits(split)
         folders = layout_folders(self.root, splits)
         known = IMAGE_MODALITIES + ("caption",)
         unknown = [f for f in folders if f not in known and not is_label(f)]
         if unknown:
-            raise ValueError(f"{self.root}: unknown modality folder(s) {unknown} in {'/'.join(splits)}; "
+            where = "/".join(splits)
+            raise ValueError(f"{self.root}: unknown modality folder(s) {unknown} in {where}; "
                              f"known: {', '.join(known)} (plus label folders 'label_*')")
         if modalities is None:
             modalities = dataset_modalities(self.root, split)
@@ -194,12 +201,13 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         if split is None:
             return [s for s in SPLITS if (self.root / s).is_dir()]
         if split not in SPLITS or not (self.root / split).is_dir():
-            raise ValueError(f"{self.root}: no split folder {split!r}; the published layout has train/ "
-                             f"and val/ (test/ is an optional extra)")
+            raise ValueError(f"{self.root}: no split folder {split!r}; the published layout "
+                             f"has train/ and val/ (test/ is an optional extra)")
         return [split]
 
     def _have_any(self, ids, labels) -> np.ndarray:
-        """(K,) bool over the index: keys with any of the modalities (and the label, if asked for)."""
+        """(K,) bool over the index: keys with any of the modalities (and the label, if asked
+        for)."""
         keep = np.zeros(len(ids.keys), bool)
         for m in self.modalities:
             if hasattr(self.files[m], "present"):
@@ -253,7 +261,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         return int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
 
     def _read_tiffs(self, i: int) -> tuple[dict, dict]:
-        """The modalities of sample i from their GeoTIFF and text files, and its label if asked for."""
+        """The modalities of sample i from their GeoTIFF and text files, and its label if asked
+        for."""
         sid, sample, arrays = self.ids[i], {}, {}
         for m in self.available(i):
             path = self.files[m][sid]
@@ -272,8 +281,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         return sample, arrays
 
     def _read_shards(self, i: int) -> tuple[dict, dict]:
-        """Sample i from its tar members: images and label from zarr.zip, caption from text, and coords
-        from the centre of any image member."""
+        """Sample i from its tar members: images and label from zarr.zip, caption from text, and
+        coords from the centre of any image member."""
         sid, sample, arrays, centre = self.ids[i], {}, {}, None
         for m in self.available(i):
             member = self.files[m][sid]
@@ -299,7 +308,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _bands(m: str, bands: np.ndarray, member: Member) -> np.ndarray:
-        """`bands` (time=1, band, y, x) -> (C, H, W), its band count checked against the modality table."""
+        """`bands` (time=1, band, y, x) -> (C, H, W), its band count checked against the
+        modality table."""
         channels = MODALITIES[m].channels
         if bands.ndim != 4 or bands.shape[1] != channels:
             raise ValueError(f"{member}: expected bands (time, {channels}, y, x) for {m}, "
@@ -311,7 +321,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         return self._prepare(m, to_channels_first(x, MODALITIES[m].channels, path), path)
 
     def _prepare(self, m: str, x: np.ndarray, path) -> np.ndarray:
-        """(C, H, W) as stored -> standardized float32, NaN -> the band mean; LULC -> int64 (H, W)."""
+        """(C, H, W) as stored -> standardized float32, NaN -> the band mean; LULC -> int64 (H,
+        W)."""
         check_values(m, x, path)
         if m == "LULC":
             x = x[0].astype(np.int64)
@@ -321,7 +332,8 @@ class TerraMeshDataset(torch.utils.data.Dataset):
             return x
         x = standardize(m, x)
         nan = np.isnan(x)
-        if nan.any():                   # Sentinel-1 no-data: the band mean, i.e. 0 after standardization
+        # Sentinel-1 no-data: the band mean, i.e. 0 after standardization
+        if nan.any():
             n = int(nan.sum())
             x[nan] = 0.0
             self.nan_replaced[m] = self.nan_replaced.get(m, 0) + n
@@ -345,7 +357,7 @@ def member_text(member: Member) -> str:
         raise ValueError(f"{member}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # What a dataset folder holds
 
 def dataset_modalities(root, split=None) -> list[str]:
@@ -367,8 +379,8 @@ def has_split(root, split) -> bool:
 
 
 def dataset_stats(root, limit=None) -> dict:
-    """Per-band mean and std of every image modality under `root` in physical units (NaN ignored), with
-    the number of files read: {modality: (mean, std, files)}."""
+    """Per-band mean and std of every image modality under `root` in physical units (NaN
+    ignored), with the number of files read: {modality: (mean, std, files)}."""
     out = {}
     for m in IMAGE_MODALITIES:
         files = _stored_tiles(root, m)[:limit]
@@ -388,7 +400,8 @@ def dataset_stats(root, limit=None) -> dict:
 
 
 def _stored_tiles(root, m: str) -> list:
-    """The files (GeoTIFF layout) or tar members (published layout, split by split) of modality m."""
+    """The files (GeoTIFF layout) or tar members (published layout, split by split) of modality
+    m."""
     if is_shard_root(root):
         _, files = index_layout(root, SPLITS, [m])
         return list(files[m].values())
@@ -402,7 +415,7 @@ def _read_stored(m: str, where) -> np.ndarray:
     return to_channels_first(read_tiff(where)[0], MODALITIES[m].channels, where)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Commands
 
 def _show(root, sid, out, max_size=None):
@@ -450,9 +463,9 @@ def _show_published(root, sid, out, max_size=None):
 
 
 def export_sample(root, out, sid=None, split=None, names=None, overwrite=False) -> str:
-    """Writes one sample's image modalities as GeoTIFFs `<out>/<MOD>.tif`, channel-last in physical
-    units as stored (float16 as float32): the `--input MOD=file.tif` of generate.py. The sample is `sid`,
-    or the first of `split` that has all of `names`. Returns its key."""
+    """Writes one sample's image modalities as GeoTIFFs `<out>/<MOD>.tif`, channel-last in
+    physical units as stored (float16 as float32): the `--input MOD=file.tif` of generate.py.
+    The sample is `sid`, or the first of `split` that has all of `names`. Returns its key."""
     ds = TerraMeshDataset(root, names, size=None, split=split)
     if sid is None:
         sid = first_complete(ds, root, split)
@@ -462,7 +475,8 @@ def export_sample(root, out, sid=None, split=None, names=None, overwrite=False) 
             path = output_file(Path(out) / f"{m}.tif", "--out", overwrite)
             targets.append((m, path))
     if not targets:
-        raise ValueError(f"--root {root}: sample {sid!r} has none of the image modalities asked for")
+        raise ValueError(f"--root {root}: sample {sid!r} has none of the image modalities "
+                         f"asked for")
     for m, path in targets:
         x = _read_stored(m, ds.files[m][sid])
         if x.dtype == np.float16:
@@ -495,9 +509,9 @@ def export_captions(root, out, split=None, overwrite=False) -> int:
 
 
 def clear_world(out, overwrite: bool):
-    """synth writes into an empty folder; --overwrite removes the folders a world consists of (and
-    nothing else), so that no tile of an earlier world (another size, another count) stays beside the
-    new ones."""
+    """synth writes into an empty folder; --overwrite removes the folders a world consists of
+    (and nothing else), so that no tile of an earlier world (another size, another count) stays
+    beside the new ones."""
     out = Path(out)
     if not out.is_dir() or not any(out.iterdir()):
         return
@@ -547,19 +561,21 @@ def main():
     p.add_argument("--out", default="data/synth", help="output folder (TerraMesh layout)")
     p.add_argument("--n", type=positive_int, default=2000, help="number of samples")
     p.add_argument("--size", type=positive_int, default=64,
-                   help=f"tile size in pixels (10 m each); a multiple of {PATCH}, or of {PATCH} plus 8 "
-                        f"with --layout shards (TerraMesh: 264)")
+                   help=f"tile size in pixels (10 m each); a multiple of {PATCH}, "
+                        f"or of {PATCH} plus 8 with --layout shards (TerraMesh: 264)")
     p.add_argument("--layout", choices=["tiff", "shards"], default="tiff",
-                   help="GeoTIFF folders, or the published layout: {train,val,test}/<FOLDER>/*.tar of "
-                        "zarr.zip samples, with our caption/ and label_water/ extras")
+                   help="GeoTIFF folders, or the published layout: "
+                        "{train,val,test}/<FOLDER>/*.tar of zarr.zip samples, "
+                        "with our caption/ and label_water/ extras")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="world seed; a sample depends only on (seed, index)")
     p.add_argument("--workers", type=positive_int, default=None,
                    help="processes (default: all cores, at most 8)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the world in a non-empty --out (its modality, label_water, splits and "
-                        "split folders are removed first)")
-    p = sub.add_parser("stats", help="per-band mean/std of a dataset next to the official constants")
+                   help="replace the world in a non-empty --out (its modality, "
+                        "label_water, splits and split folders are removed first)")
+    p = sub.add_parser("stats",
+                       help="per-band mean/std of a dataset next to the official constants")
     p.add_argument("--root", required=True, help="TerraMesh folder (either layout)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="read at most this many files per modality")
@@ -571,16 +587,19 @@ def main():
                    help="subsample larger tiles to this many pixels")
     p = sub.add_parser("export", help="write one sample's tiles as GeoTIFFs <out>/<MOD>.tif")
     p.add_argument("--root", required=True, help="TerraMesh folder (either layout)")
-    p.add_argument("--id", default=None, help="sample id or key (default: the first of --split with every --modality)")
+    p.add_argument("--id", default=None,
+                   help="sample id or key (default: the first of --split with every --modality)")
     p.add_argument("--split", default=None, help="split to take the first sample from")
     p.add_argument("--modality", type=modality_names(IMAGE_MODALITIES), default=None,
                    help="image modalities, comma-separated (default: all the sample has)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace existing <out>/<MOD>.tif files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing <out>/<MOD>.tif files")
     p = sub.add_parser("captions", help="write every caption as one line of a text file")
     p.add_argument("--root", required=True, help="TerraMesh folder with captions (either layout)")
     p.add_argument("--split", default=None, help="only this split (default: all)")
-    p.add_argument("--out", required=True, help="output text file (a --corpus of text_tokenizer.py)")
+    p.add_argument("--out", required=True,
+                   help="output text file (a --corpus of text_tokenizer.py)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args()
     if args.command == "synth":

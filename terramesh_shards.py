@@ -1,25 +1,27 @@
 """
-Reading the published TerraMesh shards as they are: tar files of `<key>.zarr.zip` samples, no conversion.
+Reading the published TerraMesh shards as they are: tar files of `<key>.zarr.zip` samples, no
+conversion.
 
-TerraMesh is published as `<root>/{train,val}/<MODALITY>/<subset>_shard_<NNNNNN>.tar` (paper §3; official:
-the dataset card's loader `terramesh.py`). Each tar member `<key>.zarr.zip` is a zip holding a zarr v2 group
-with consolidated metadata (`.zmetadata`): `bands` (time=1, band, y, x), the scalars `center_lat`,
-`center_lon`, `time`, and `cloud_mask` for optical modalities. This file reads that with the standard library
-(tarfile, zipfile, json, zlib) and numpy only:
+TerraMesh is published as `<root>/{train,val}/<MODALITY>/<subset>_shard_<NNNNNN>.tar` (paper §3;
+official: the dataset card's loader `terramesh.py`). Each tar member `<key>.zarr.zip` is a zip
+holding a zarr v2 group with consolidated metadata (`.zmetadata`): `bands` (time=1, band, y, x),
+the scalars `center_lat`, `center_lon`, `time`, and `cloud_mask` for optical modalities. This
+file reads that with the standard library (tarfile, zipfile, json, zlib) and numpy only:
 
-  * `tar_index`: member name -> (offset, size) from the tar headers alone, cached as JSON beside the shard
-    (or under ~/.cache/terramind/tar_index when the dataset folder is read-only), so a restart never rescans;
-  * `ZarrGroup`: the arrays of one zarr.zip, `.zarray` fields (dtype, shape, chunks, order, fill_value,
-    filters, compressor) and chunk assembly (missing chunks are the fill value);
-  * the codecs: the Blosc container (header, blocks, splits, byte and bit shuffle) with a hand-written LZ4
-    block decoder inside, and zlib; zstd and blosclz only where `numcodecs` happens to be importable (an
-    optional fast path for every Blosc chunk; the project never requires it);
+  * `ZarrGroup`: the arrays of one zarr.zip, `.zarray` fields (dtype, shape, chunks, order,
+    fill_value, filters, compressor) and chunk assembly (missing chunks are the fill value);
+  * the codecs: the Blosc container (header, blocks, splits, byte and bit shuffle) with a
+    hand-written LZ4 block decoder inside, and zlib; zstd and blosclz only where `numcodecs`
+    happens to be importable (an optional fast path for every Blosc chunk; the project never
+    requires it);
   * `read_sample`: one TerraMesh sample as numpy arrays.
 
-Every failure is one ValueError line naming the shard, the member, the array and the codec. terramesh.py
-imports this file (never the other way); it has no command of its own:
+Where a sample lives (the tar index, the layout) is shard_index.py's; `zarr_zip` and `write_shard`
+write samples in the same format (the synthetic world, tests). Every failure is one ValueError line
+naming the shard, the member, the array and the codec. terramesh.py imports this file (never the
+other way); it has no command of its own:
 
-    python -c "import terramesh_shards as s; print(len(s.tar_index('val/S2L2A/majortom_shard_000001.tar')))"
+    python -c "import terramesh_shards as s; print(s.read_sample('x.tar', 'k.zarr.zip', 512, 9000))"
 """
 from __future__ import annotations
 
@@ -35,19 +37,22 @@ import numpy as np
 
 from shard_index import read_member
 
-try:   # optional fast path: the C decoders of numcodecs, used when installed (never a project requirement)
+# optional fast path: the C decoders of numcodecs, used when installed (never a requirement)
+try:
     import numcodecs
 except ImportError:
     numcodecs = None
 
-USE_NUMCODECS = numcodecs is not None   # bench/bench_shards.py switches it off to time the hand-written path
+# bench/bench_shards.py switches it off to time the hand-written path
+USE_NUMCODECS = numcodecs is not None
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # A zarr v2 group in a zip (consolidated metadata)
 
 
 class ZarrGroup:
-    """The zarr v2 group of one `<key>.zarr.zip` member. `where` names the shard and member in errors."""
+    """The zarr v2 group of one `<key>.zarr.zip` member. `where` names the shard and member in
+    errors."""
 
     def __init__(self, data: bytes, where: str):
         self.where = where
@@ -57,7 +62,8 @@ class ZarrGroup:
             raise ValueError(f"{where}: not a zip file (expected a zarr.zip sample)") from None
         self.names = set(self.zip.namelist())
         if ".zmetadata" not in self.names:
-            raise ValueError(f"{where}: the zip has no .zmetadata (not a consolidated zarr v2 group)")
+            raise ValueError(f"{where}: the zip has no .zmetadata "
+                             f"(not a consolidated zarr v2 group)")
         self.meta = json.loads(self.zip.read(".zmetadata"))["metadata"]
 
     def __contains__(self, name: str) -> bool:
@@ -96,8 +102,9 @@ class ZarrGroup:
             raise ValueError(f"{where}: decompressed to {len(data)} bytes, .zarray says {expected} "
                              f"({chunks} x {dtype.itemsize} bytes)")
         chunk = np.frombuffer(data, dtype).reshape(chunks, order=za.get("order", "C"))
-        window = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, out.shape))
-        edge = tuple(slice(0, s.stop - s.start) for s in window)     # edge chunks are stored padded
+        window = tuple(slice(i * c, min((i + 1) * c, n))
+                       for i, c, n in zip(index, chunks, out.shape))
+        edge = tuple(slice(0, s.stop - s.start) for s in window)   # edge chunks are stored padded
         out[window] = chunk[edge]
 
 
@@ -109,7 +116,8 @@ def _dtype(spec, where) -> np.dtype:
 
 
 def _fill_value(value, dtype: np.dtype):
-    """zarr v2 fill values: numbers, "NaN" / "Infinity" / "-Infinity" for floats, null (zeros here)."""
+    """zarr v2 fill values: numbers, "NaN" / "Infinity" / "-Infinity" for floats, null (zeros
+    here)."""
     if value is None:
         return np.zeros((), dtype)[()]
     if isinstance(value, str) and dtype.kind == "f":
@@ -119,7 +127,7 @@ def _fill_value(value, dtype: np.dtype):
     return value
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Codecs: zarr compressors, the Blosc container, LZ4 blocks, shuffles
 
 BLOSC_CODECS = {0: "blosclz", 1: "lz4", 2: "snappy", 3: "zlib", 4: "zstd"}   # header flags bits 5-7
@@ -151,9 +159,10 @@ def _zlib(raw, where) -> bytes:
 
 
 def blosc_decompress(buf: bytes, where: str = "blosc") -> bytes:
-    """A Blosc 1 container -> its bytes (official: c-blosc README_HEADER.rst and blosc.c blosc_d).
-    Header: version, versionlz, flags, typesize (uint8), nbytes, blocksize, cbytes (uint32 LE); then one
-    uint32 start offset per block; each block is 1 or `typesize` streams, each `int32 size + data`."""
+    """A Blosc 1 container -> its bytes (official: c-blosc README_HEADER.rst and blosc.c
+    blosc_d). Header: version, versionlz, flags, typesize (uint8), nbytes, blocksize, cbytes
+    (uint32 LE); then one uint32 start offset per block; each block is 1 or `typesize` streams,
+    each `int32 size + data`."""
     if len(buf) < 16:
         raise ValueError(f"{where}: codec blosc: {len(buf)} bytes, shorter than the 16-byte header")
     flags, typesize = buf[2], buf[3]
@@ -161,11 +170,13 @@ def blosc_decompress(buf: bytes, where: str = "blosc") -> bytes:
     codec = BLOSC_CODECS.get(flags >> 5, f"#{flags >> 5}")
     where = f"{where}: codec blosc-{codec}"
     if cbytes != len(buf):
-        raise ValueError(f"{where}: header says {cbytes} compressed bytes, the chunk has {len(buf)}")
+        raise ValueError(f"{where}: header says {cbytes} compressed bytes, "
+                         f"the chunk has {len(buf)}")
     if flags & BLOSC_MEMCPYED:
         return bytes(buf[16:16 + nbytes])
     if codec not in ("lz4", "zlib"):
-        raise ValueError(f"{where}: inner codec {codec} is not decoded here (install numcodecs to read it)")
+        raise ValueError(f"{where}: inner codec {codec} is not decoded here "
+                         f"(install numcodecs to read it)")
     nblocks = -(-nbytes // blocksize) if nbytes else 0
     starts = np.frombuffer(buf, "<u4", nblocks, 16).tolist()
     out = bytearray()
@@ -178,32 +189,41 @@ def blosc_decompress(buf: bytes, where: str = "blosc") -> bytes:
 
 def _blosc_block(buf, start, size, leftover, flags, typesize, codec, where) -> bytes:
     """The (still shuffled) bytes of one block: its streams decompressed and joined."""
-    split = (not flags & BLOSC_DONT_SPLIT and typesize <= MAX_SPLITS and size // typesize >= MIN_BUFFERSIZE
+    split = (not flags & BLOSC_DONT_SPLIT
+             and typesize <= MAX_SPLITS
+             and size // typesize >= MIN_BUFFERSIZE
              and not leftover)
     nsplits = typesize if split else 1
     stream_size = size // nsplits
     parts, pos = [], start
     for _ in range(nsplits):
-        (csize,) = np.frombuffer(buf, "<i4", 1, pos).tolist() if pos + 4 <= len(buf) else (-1,)
+        csize = -1
+        if pos + 4 <= len(buf):
+            csize = int(np.frombuffer(buf, "<i4", 1, pos)[0])
         pos += 4
         if csize < 0 or pos + csize > len(buf):
             raise ValueError(f"{where}: block at byte {start} runs past the end of the chunk")
         data = buf[pos:pos + csize]
-        if csize != stream_size:   # a stream as long as its output is stored as it is
-            data = lz4_decompress(data, stream_size, where) if codec == "lz4" else _zlib(data, where)
+        # a stream as long as its output is stored as it is
+        if csize != stream_size and codec == "lz4":
+            data = lz4_decompress(data, stream_size, where)
+        elif csize != stream_size:
+            data = _zlib(data, where)
         if len(data) != stream_size:
-            raise ValueError(f"{where}: a block stream decompressed to {len(data)} bytes, expected {stream_size}")
+            raise ValueError(f"{where}: a block stream decompressed to {len(data)} bytes, "
+                             f"expected {stream_size}")
         parts.append(data)
         pos += csize
     return b"".join(parts)
 
 
 def _unshuffle(block: bytes, typesize: int, flags: int) -> bytes:
-    """Undoes Blosc's byte shuffle (byte k of every element together) or bit shuffle (bit k together)."""
+    """Undoes Blosc's byte shuffle (byte k of every element together) or bit shuffle (bit k
+    together)."""
     n = len(block) // typesize
     body, rest = block[:n * typesize], block[n * typesize:]
     if flags & BLOSC_DOSHUFFLE and typesize > 1:
-        x = np.frombuffer(body, np.uint8).reshape(typesize, n)                        # (byte, element)
+        x = np.frombuffer(body, np.uint8).reshape(typesize, n)          # (byte, element)
         return x.T.tobytes() + rest
     if flags & BLOSC_DOBITSHUFFLE and len(block) >= typesize and n % 8 == 0:
         return bit_unshuffle(body, typesize) + rest
@@ -211,21 +231,22 @@ def _unshuffle(block: bytes, typesize: int, flags: int) -> bytes:
 
 
 def bit_unshuffle(body: bytes, typesize: int) -> bytes:
-    """Bit shuffle (official: c-blosc bitshuffle-generic.c): the stream holds 8 * typesize bit rows, row
-    8 * j + k the bit k of byte j of every element, packed 8 elements per byte, least significant bit first."""
+    """Bit shuffle (official: c-blosc bitshuffle-generic.c): the stream holds 8 * typesize bit
+    rows, row 8 * j + k the bit k of byte j of every element, packed 8 elements per byte, least
+    significant bit first."""
     n = len(body) // typesize
     rows = np.frombuffer(body, np.uint8).reshape(typesize * 8, n // 8)
-    bits = np.unpackbits(rows, axis=1, bitorder="little")                            # (8 * typesize, n)
-    bits = bits.reshape(typesize, 8, n).transpose(2, 0, 1)                            # (n, byte, bit)
+    bits = np.unpackbits(rows, axis=1, bitorder="little")       # (8 * typesize, n)
+    bits = bits.reshape(typesize, 8, n).transpose(2, 0, 1)       # (n, byte, bit)
     return np.packbits(bits, axis=-1, bitorder="little").tobytes()
 
 
 def lz4_decompress(src: bytes, size: int, where: str = "lz4") -> bytes:
-    """An LZ4 block (official: lz4 doc/lz4_Block_format.md) -> `size` bytes. Sequences of a token (literal
-    length high nibble, match length - 4 low nibble; 15 = more length bytes follow, 255 = and more), the
-    literals, a 2-byte little-endian offset back into the output, the match; the last sequence is literals.
-    Plain Python: bytes indexing and bytearray appends, the fastest of the variants we timed (about 0.4 us
-    a sequence on our AMD EPYC)."""
+    """An LZ4 block (official: lz4 doc/lz4_Block_format.md) -> `size` bytes. Sequences of a
+    token (literal length high nibble, match length - 4 low nibble; 15 = more length bytes
+    follow, 255 = and more), the literals, a 2-byte little-endian offset back into the output,
+    the match; the last sequence is literals. Plain Python: bytes indexing and bytearray
+    appends, the fastest of the variants we timed (about 0.4 us a sequence on our AMD EPYC)."""
     src, out = bytes(src), bytearray()
     i, end = 0, len(src)
     try:
@@ -269,12 +290,12 @@ def lz4_decompress(src: bytes, size: int, where: str = "lz4") -> bytes:
     return bytes(out)
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # One TerraMesh sample
 
 def read_sample(shard, name: str, offset: int, size: int) -> dict:
-    """One `<key>.zarr.zip` member -> {"bands": (time, band, y, x), "center_lat", "center_lon", "time",
-    and "cloud_mask" where present}, numpy arrays as stored."""
+    """One `<key>.zarr.zip` member -> {"bands": (time, band, y, x), "center_lat", "center_lon",
+    "time", and "cloud_mask" where present}, numpy arrays as stored."""
     where = f"{shard}, member {name}"
     group = ZarrGroup(read_member(shard, name, offset, size), where)
     out = {"bands": group.read("bands")}
@@ -286,7 +307,7 @@ def read_sample(shard, name: str, offset: int, size: int) -> dict:
     return out
 
 
-# -----------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Writing samples in the published format (the synthetic world; tests)
 
 def zarr_zip(arrays: dict, attrs: dict | None = None) -> bytes:
@@ -295,10 +316,17 @@ def zarr_zip(arrays: dict, attrs: dict | None = None) -> bytes:
     meta = {".zgroup": {"zarr_format": 2}}
     chunks = {}
     for name, a in arrays.items():
-        a = np.asarray(a)                          # tobytes() below is C order whatever the layout
-        meta[f"{name}/.zarray"] = {"chunks": list(a.shape), "compressor": {"id": "zlib", "level": 1},
-                                   "dtype": a.dtype.str, "fill_value": None, "filters": None, "order": "C",
-                                   "shape": list(a.shape), "zarr_format": 2}
+        a = np.asarray(a)                  # tobytes() below is C order whatever the layout
+        meta[f"{name}/.zarray"] = {
+            "chunks": list(a.shape),
+            "compressor": {"id": "zlib", "level": 1},
+            "dtype": a.dtype.str,
+            "fill_value": None,
+            "filters": None,
+            "order": "C",
+            "shape": list(a.shape),
+            "zarr_format": 2,
+        }
         if name in (attrs or {}):
             meta[f"{name}/.zattrs"] = attrs[name]
         key = ".".join("0" * a.ndim) if a.ndim else "0"
@@ -314,7 +342,8 @@ def zarr_zip(arrays: dict, attrs: dict | None = None) -> bytes:
 
 
 def write_shard(path, members: dict):
-    """A tar of {member name: bytes}, written atomically (a temporary file beside it, then a rename)."""
+    """A tar of {member name: bytes}, written atomically (a temporary file beside it, then a
+    rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
