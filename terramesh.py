@@ -378,6 +378,17 @@ def has_split(root, split) -> bool:
     return bool(split) and (Path(root) / "splits" / f"{split}.txt").exists()
 
 
+def has_folder(root, folder: str, split=None) -> bool:
+    """Whether a dataset holds a folder (a modality, caption/ or a label folder such as
+    label_water): `<root>/<folder>` (GeoTIFF layout), or `<split>/<folder>` of any split
+    (published layout)."""
+    root = Path(root)
+    if is_shard_root(root):
+        splits = [split] if split else SPLITS
+        return folder in layout_folders(root, splits)
+    return (root / folder).is_dir()
+
+
 def dataset_stats(root, limit=None) -> dict:
     """Per-band mean and std of every image modality under `root` in physical units (NaN
     ignored), with the number of files read: {modality: (mean, std, files)}."""

@@ -18,15 +18,24 @@ project's packages on its path:
     flock /tmp/cpu.lock env PYTHONPATH=.venv/lib/python3.11/site-packages ~/zarrenv/bin/python \\
         bench/bench_shards.py time --root /tmp/bench_shards --decoder numcodecs
 
+`index` measures the memory of the layout index (shard_index.py) for N synthetic keys in every one of the
+eight modality folders (tar indexes made up in memory, 10,240 members per shard as published; no data), as
+the compact numpy table and as the dicts of members it replaced (the representation before issue 17's
+compact index, rebuilt here for the comparison). Python's tracemalloc counts what each keeps alive:
+
+    flock /tmp/cpu.lock .venv/bin/python bench/bench_shards.py index --keys 1000000
+
 CPU only; there is nothing to run on a GPU.
 """
 import argparse
+import gc
 import io
 import os
 import sys
 import tarfile
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +121,71 @@ def time_reads(root: Path, decoder: str, repeats: int):
         print(f"  {m:6s} read_sample {per * 1e3:6.1f} ms ({member.size / 1e6:.2f} MB stored)")
 
 
+PER_SHARD = 10_240   # samples per published shard
+
+
+def fake_layout(root: Path, n_keys: int) -> dict:
+    """Empty shard files under root/train/<MOD>/ and the made-up tar index of each: {path: index}."""
+    indexes = {}
+    n_shards = -(-n_keys // PER_SHARD)
+    for m in DTYPES:
+        folder = root / "train" / m
+        folder.mkdir(parents=True, exist_ok=True)
+        for s in range(n_shards):
+            path = folder / f"majortom_shard_{s + 1:06d}.tar"
+            path.touch()
+            keys = range(s * PER_SHARD, min((s + 1) * PER_SHARD, n_keys))
+            names = [f"{k:07d}_grid_cell_majortom.zarr.zip" for k in keys]   # 28-character keys
+            offsets = [512 + 2_000_000 * j for j in range(len(names))]
+            indexes[path] = {"names": names, "offsets": offsets, "sizes": [1_999_000] * len(names)}
+    return indexes
+
+
+def dict_index(root: Path, indexes: dict):
+    """The index as it was before the compact table: sample keys as a list, {key: Member} per modality."""
+    from shard_index import Member
+    files, ids = {m: {} for m in DTYPES}, {}
+    for path, index in indexes.items():
+        found = files[path.parent.name]
+        for name, offset, size in zip(index["names"], index["offsets"], index["sizes"]):
+            key = name[:-len(".zarr.zip")]
+            found[key] = Member(path, name, offset, size)
+            ids[key] = None
+    return list(ids), files
+
+
+def retained_bytes(build) -> tuple[int, object]:
+    """Bytes that the result of build() keeps allocated (tracemalloc), and the result."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    result = build()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return after - before, result
+
+
+def index_memory(n_keys: int):
+    import shard_index
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        indexes = fake_layout(root, n_keys)
+        shard_index.tar_index = lambda path: indexes[Path(path)]       # no tar to read: the made-up index
+        folders = list(DTYPES)
+        t0 = time.perf_counter()
+        compact, (ids, files) = retained_bytes(lambda: shard_index.index_layout(root, ["train"], folders))
+        seconds = time.perf_counter() - t0
+        assert len(ids) == n_keys and files["DEM"][ids[n_keys // 2]].size == 1_999_000
+        del ids, files
+        old, _ = retained_bytes(lambda: dict_index(root, indexes))
+    per = 8 * n_keys
+    print(f"layout index of {n_keys:,} keys x 8 modalities ({os.cpu_count()} CPUs):")
+    print(f"  dicts of members (before): {old / 2 ** 20:8.1f} MiB ({old / per:5.1f} bytes per member)")
+    print(f"  compact numpy table (now): {compact / 2 ** 20:8.1f} MiB ({compact / per:5.1f} bytes per member)"
+          f", built in {seconds:.1f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,9 +196,13 @@ def main():
     p.add_argument("--root", type=Path, required=True, help="the root `make` wrote")
     p.add_argument("--decoder", choices=["hand", "numcodecs"], default="hand", help="decoding path")
     p.add_argument("--repeats", type=int, default=3, help="timed passes over all samples (best counts)")
+    p = sub.add_parser("index", help="memory of the layout index for made-up keys")
+    p.add_argument("--keys", type=int, default=1_000_000, help="samples (each in all 8 modality folders)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.out, args.n)
+    elif args.command == "index":
+        index_memory(args.keys)
     else:
         time_reads(args.root, args.decoder, args.repeats)
 

@@ -402,6 +402,9 @@ def test_the_same_world_in_both_layouts(tmp_path):
     import terramesh as tm
     synthetic.synthesize(tmp_path / "tiff", n=20, size=64, workers=1)
     synthetic.synthesize_shards(tmp_path / "shards", n=20, size=64, workers=1, shard_size=4)
+    for layout in ("tiff", "shards"):
+        assert tm.has_folder(tmp_path / layout, "label_water") and tm.has_folder(tmp_path / layout, "caption")
+        assert not tm.has_folder(tmp_path / layout, "label_floods")
     for split in ("train", "val", "test"):
         a = tm.TerraMeshDataset(tmp_path / "tiff", split=split, labels="label_water", size=64)
         b = tm.TerraMeshDataset(tmp_path / "shards", split=split, labels="label_water", size=64)
