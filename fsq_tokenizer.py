@@ -50,8 +50,8 @@ from torch import nn
 from tqdm import tqdm
 
 import terramesh
-from cli import (TrainingDiverged, decay, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                 run_main, torch_device, writable_folder)
+from cli import (TrainingDiverged, decay, distinct_outputs, nonnegative_float, nonnegative_int, output_file,
+                 positive_float, positive_int, run_main, torch_device, writable_folder)
 from diffusion_decoder import DiffusionDecoder
 from metrics import codebook_usage, physical, reconstruction_metrics
 from terramesh import TerraMeshDataset, expect_kind, load_safetensors, save_safetensors
@@ -469,6 +469,19 @@ def diverged(m, step, loss, norm, ids, data, state_path: Path) -> TrainingDiverg
                             f"check them with `python terramesh.py stats`; last good checkpoint: {last}")
 
 
+def train_state_path(folder, modality: str) -> Path:
+    return Path(folder) / f"tokenizer_{modality}.state.safetensors"
+
+
+def check_train_outputs(args):
+    """Before any training: the tokenizer and state files of every modality may be replaced only by --overwrite,
+    or by --resume when the state is there to continue (a file this command did not write is never lost)."""
+    for m in args.modality:
+        resumable = args.resume and train_state_path(args.out, m).exists()
+        for path in (tokenizer_path(args.out, m), train_state_path(args.out, m)):
+            output_file(path, "--out", args.overwrite or resumable)
+
+
 def train(args, m: str):
     ddp, rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0))
     device = args.device
@@ -497,7 +510,7 @@ def train(args, m: str):
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]   # biases, norms
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8)                # official recipe
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if plan.ema else None
-    state_path, step = Path(args.out) / f"tokenizer_{m}.state.safetensors", 0
+    state_path, step = train_state_path(args.out, m), 0
     if args.resume and state_path.exists():
         tensors, meta = load_safetensors(state_path, device)
         expect_kind(state_path, meta, "tokenizer state")
@@ -594,10 +607,21 @@ def file_stamp(path) -> list | None:
     return [stat.st_size, stat.st_mtime_ns]
 
 
+def check_shard_paths(paths: list[Path], m: str):
+    """A file at a shard's path that is not a token shard of modality m (a user's file) is never replaced."""
+    for path in paths:
+        header = read_header(path)
+        if path.exists() and (header.get("modality") != m or "ids" not in header):
+            raise ValueError(f"{path}: is not a {m} token shard of `fsq_tokenizer.py tokenize`; move it away "
+                             f"or choose another --out")
+
+
 @torch.no_grad()
 def tokenize(args):
     for m, tok in load_tokenizers(args.tokenizers, args.modalities, args.device).items():
         ds = dataset(args.data, m, None, size=None)
+        starts = range(0, len(ds), args.shard_size)
+        check_shard_paths([Path(args.out) / m / f"shard_{s // args.shard_size:05d}.safetensors" for s in starts], m)
         fp = read_header(tokenizer_path(args.tokenizers, m)).get("crc32")                # the weights' checksum
         done = written = 0
         for s in tqdm(range(0, len(ds), args.shard_size), desc=f"tokenize {m}", unit="shard"):
@@ -642,6 +666,11 @@ def reconstruct(args):
     m, out = args.modality, Path(args.out)
     tok = load_tokenizers(args.tokenizers, [m], args.device)[m]
     ds = dataset(args.data, m, args.split, size=None)
+    pictures = [out / f"{m}_{sid}.png" for sid in ds.ids[:min(args.pictures, args.n)]]
+    outputs = {"metrics": out / f"metrics_{m}.json", **{f"picture {p.name}": p for p in pictures}}
+    distinct_outputs(outputs)
+    for path in outputs.values():                                  # before any work
+        output_file(path, "--out", args.overwrite)
     x = torch.cat(list(batches(ds, m, args.batch_size, range(min(args.n, len(ds))))))   # (B, C, H, W) / (B, H, W)
     tokens = torch.cat([tok.encode(b.to(args.device)).cpu() for b in x.split(args.batch_size)])
     noise = torch.randn(len(x), tok.channels, *x.shape[-2:], generator=torch.Generator().manual_seed(args.seed))
@@ -711,6 +740,7 @@ def main():
     p.add_argument("--workers", type=nonnegative_int, default=0, help="data loader worker processes")
     p.add_argument("--save-every", type=positive_int, default=1000, help="checkpoint interval in steps")
     p.add_argument("--resume", action="store_true", help="continue from <out>/tokenizer_<MOD>.state.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace tokenizer files already in --out")
     p = sub.add_parser("tokenize", parents=[common], help="pre-tokenize a dataset into int16 shards")
     p.add_argument("--tokenizers", required=True, help="folder with tokenizer_<MOD>.safetensors")
     p.add_argument("--modalities", nargs="+", default=None, help="modalities to tokenize (default: all found)")
@@ -726,9 +756,11 @@ def main():
     p.add_argument("--clip", type=nonnegative_float, nargs="+", default=[1.0],
                    help="x0 bounds to compare (0: unbounded)")
     p.add_argument("--pictures", type=nonnegative_int, default=4, help="number of picture sheets")
+    p.add_argument("--overwrite", action="store_true", help="replace the metrics and pictures already in --out")
     args = parser.parse_args()
     writable_folder(args.out)   # before any work
     if args.command == "train":
+        check_train_outputs(args)
         for m in args.modality:
             train(args, m)
         if torch.distributed.is_initialized():

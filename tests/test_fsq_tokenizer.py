@@ -254,3 +254,43 @@ def test_official_preset_follows_the_papers_tokenizer_recipe():
     r = train_recipe(flags(size="smoke"), "DEM", 1, 300, 16, cuda=False)
     assert (r.steps, r.lr, r.ema, r.dtype) == (400, 5e-4, 0.0, "fp32")
     assert lr_at(0, 1000, 1e-4, warmup=100) == pytest.approx(1e-6) and lr_at(100, 1000, 1e-4, warmup=100) == 1e-4
+
+
+def refused(*args) -> str:
+    """Runs a command that must refuse its input: one line on stderr, exit status 1."""
+    cmd = [sys.executable, str(ROOT / "fsq_tokenizer.py"), *map(str, args), "--device", "cpu"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    return p.stderr
+
+
+def test_commands_never_overwrite_a_file_unless_told(tmp_path):
+    """issue 19: train, reconstruct and tokenize refuse, before any work, a file in --out that they would
+    replace: train unless --overwrite (or --resume with its state), reconstruct unless --overwrite, tokenize a
+    file that is not one of its shards."""
+    data, ckpt = tmp_path / "synth", tmp_path / "ckpt"
+    synthetic.synthesize(data, n=8, size=64, seed=0, workers=1)
+    ckpt.mkdir()
+    user_file = ckpt / "tokenizer_DEM.safetensors"
+    user_file.write_text("a user's file")
+    train = ("train", "--modality", "DEM", "--data", data, "--size", "smoke", "--batch-size", 4, "--out", ckpt,
+             "--steps")
+    for extra in ([], ["--resume"]):                       # --resume without a state: nothing to continue
+        said = refused(*train, 1, *extra)
+        assert f"--out {user_file}: the file exists; pass --overwrite" in said
+    assert user_file.read_text() == "a user's file"
+    assert "step 1/1" in run(*train, 1, "--overwrite")
+    assert "step 2/2" in run(*train, 2, "--resume")                        # continues its own files
+    rec = ("reconstruct", "--modality", "DEM", "--data", data, "--tokenizers", ckpt, "--out", tmp_path / "rec",
+           "--n", 2, "--steps", 1, "--pictures", 1)
+    run(*rec)
+    metrics = tmp_path / "rec" / "metrics_DEM.json"
+    before = metrics.read_bytes()
+    assert f"--out {metrics}: the file exists; pass --overwrite" in refused(*rec)
+    assert metrics.read_bytes() == before
+    assert "wrote" in run(*rec, "--overwrite")
+    shard = tmp_path / "tokens" / "DEM" / "shard_00000.safetensors"
+    shard.parent.mkdir(parents=True)
+    shard.write_text("a user's file")
+    said = refused("tokenize", "--data", data, "--tokenizers", ckpt, "--out", tmp_path / "tokens")
+    assert f"{shard}: is not a DEM token shard" in said and shard.read_text() == "a user's file"
