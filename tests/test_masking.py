@@ -147,6 +147,16 @@ def test_missing_modalities_and_bad_input():
         Masking(INPUTS, TARGETS, alphas="nope")
 
 
+
+def test_missing_entries_take_no_share_of_the_budgets():
+    """4M splits the budgets over the modalities a sample has: without some entries, the whole input and
+    target budgets go to the others (no sequences here, whose targets end on a token that is no slot)."""
+    masking = Masking(INPUTS, TARGETS, 24, 24, alphas="all2all", grid=4)
+    dropped = ("S1GRD", "S1RTC", "DEM", "tok_S1GRD", "tok_S1RTC", "tok_DEM", "caption", "coords")
+    for seed in range(30):
+        out = masking(sample(seed, drop=dropped), np.random.default_rng(seed))
+        assert (out["input_mod"] >= 0).sum() == 24 and (out["target_mod"] >= 0).sum() == 24
+
 def test_dataloader_workers_draw_differently():
     masking = Masking(INPUTS, TARGETS, 32, 32, alphas="mix", grid=4)
 
