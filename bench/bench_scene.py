@@ -91,7 +91,7 @@ def main():
         runs = {"generate": ["generate.py", "--model", work / "terramind.safetensors", "--tokenizers", work,
                              "--input", f"S2L2A={scene}", "--targets", args.targets, "--scene", "--device", "cpu",
                              "--diffusion-steps", args.diffusion_steps, "--batch-size", args.batch_size,
-                             "--out", work / f"gen_{size}"]}
+                             "--out", work / f"gen_{size}", "--overwrite"]}   # a rerun replaces its outputs
         if args.tim_predict:
             runs["predict"] = ["tim_finetune.py", "predict", "--ckpt", work / "tim.safetensors", "--input",
                                f"S2L2A={scene}", "--batch-size", args.batch_size, "--device", "cpu",
