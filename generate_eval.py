@@ -237,9 +237,9 @@ class EvalTables:
         write_text(folder / "eval.json", json.dumps(self.records, indent=1))
 
 
-def generate_pair(args, model, tokenizers, text, job, timer) -> list:
-    """The outputs of one eval pair for all its samples, in batches: [image | (lon, lat) |
-    None]."""
+def generate_pair(args, generate, model, tokenizers, text, job: EvalJob, timer) -> list:
+    """The outputs of one eval pair for all its samples, in batches of --batch-size, by `generate`:
+    [image | (lon, lat) | None]."""
     gen = []
     batches = range(0, len(job.have), args.batch_size)
     for first in tqdm(batches, desc=f"{job.src}:{job.dst}{job.tag}", leave=False):
