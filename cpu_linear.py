@@ -18,11 +18,14 @@ fp32 arithmetic: the results differ from MKL's only by summation order, at float
     has it.
   * `ENABLED = False` turns the routing off. The benchmark uses it to time the model with and without.
 
-The route is taken only where it is faster on the machine at hand: `speedup()` times both paths on a
-representative product, (2048 x 192) @ (192 x 768) in fp32 (the `tiny` MLP's first layer on 8 samples of
-256 tokens) with the process's threads (about 50 ms); oneDNN is used when it is more than `MIN_SPEEDUP`
-times faster. On this project's 2-core AMD EPYC machines it measured 1.6-2.1x; on an Intel Xeon with
-AVX-512 the route made the model step slower (0.96x, issue 20), which this check leaves out.
+The route is taken only where it is faster on the machine at hand. `speedup()` times forward and
+backward of the layers in SHAPES (the MLP and qkv layers of a `smoke` and a `tiny` step), both routes
+taking turns in pairs of rounds (one round in each order, so load from other processes hits both
+alike), and keeps the median of 7 pair ratios (about 1.5 s). oneDNN is used when it is more than
+`MIN_SPEEDUP` times faster. On this project's 2-core AMD EPYC, on a quiet machine, five fresh processes
+measured 1.04-1.08 (route off), and whole training steps ran at 0.98-1.02x with the route forced on
+(bench/bench_linear.py --step); on an Intel Xeon with AVX-512 the route made the model step slower
+(0.96x, issue 20), which this check leaves out.
 
 The two routes round differently, so every process of a run must take the same one: DDP ranks must agree,
 and a resumed run must repeat the arithmetic of the run it continues. The verdict is therefore measured
@@ -33,6 +36,7 @@ its verdict. `TERRAMIND_CPU_LINEAR=onednn` or `=torch` fixes the route without m
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -48,6 +52,14 @@ except ImportError:      # Windows: no lock, at worst two processes measure at o
 
 ENABLED = True
 MIN_SPEEDUP = 1.1        # oneDNN must beat F.linear by this factor in speedup()'s micro-benchmark
+# The layers the verdict is timed on, (rows, in, out): the MLP and qkv layers of a `smoke` step
+# (run_cpu.sh: 32 samples x 64 tokens) and of a `tiny` step (8 samples x 256 tokens).
+SHAPES = ((2048, 64, 256), (2048, 256, 64), (2048, 64, 192),
+          (2048, 192, 768), (2048, 768, 192), (2048, 192, 576))
+WARM_UP = 3              # untimed rounds first
+PAIRS = 7                # timed pairs of rounds, one in each order; the verdict is their median ratio
+# Part of the cache key: a verdict measured another way (the one-product forward timing before) is ignored.
+MEASUREMENT = "fwd+bwd of 6 layers, median of 7 pairs"
 try:   # oneDNN's fp32 inner product on dense tensors: a @ b.T + bias (the op torch.compile's CPU backend uses)
     _INNER_PRODUCT = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
 except (AttributeError, RuntimeError):
@@ -61,22 +73,55 @@ def _mm_t(a, b, bias=None):
     return _INNER_PRODUCT(a, b, bias, "none", [], "")
 
 
-def _best_time(f, reps: int = 5) -> float:
-    f()                                                                              # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def _forward_backward(product, x, w, grad):
+    """Seconds for one forward and backward (input and weight gradients) of product(x, w)."""
+    start = time.perf_counter()
+    torch.autograd.grad(product(x, w), (x, w), grad)
+    return time.perf_counter() - start
+
+
+def _onednn_product(x, w):
+    return _OneDNNLinear.apply(x, w, None)
+
+
+def _layer_cases() -> list:
+    """(x, w, grad) per shape of SHAPES, fp32, seeded."""
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for rows, n_in, n_out in SHAPES:
+        x = torch.randn(rows, n_in, generator=g, requires_grad=True)
+        w = torch.randn(n_out, n_in, generator=g) / n_in ** 0.5
+        grad = torch.randn(rows, n_out, generator=g)
+        cases.append((x, w.requires_grad_(), grad))
+    return cases
+
+
+def _round(cases, onednn_first: bool) -> dict:
+    """Seconds of each route over every case, F.linear and oneDNN taking turns in the given order."""
+    order = [_onednn_product, F.linear] if onednn_first else [F.linear, _onednn_product]
+    seconds = {}
+    for product in order:
+        seconds[product] = sum(_forward_backward(product, *case) for case in cases)
+    return seconds
+
+
+def _pair_ratio(cases) -> float:
+    """F.linear's seconds over oneDNN's in two rounds, one in each order (the second of two products
+    runs measurably faster than the first here, so the order must not favour a route)."""
+    first, second = _round(cases, onednn_first=False), _round(cases, onednn_first=True)
+    torch_seconds = first[F.linear] + second[F.linear]
+    onednn_seconds = first[_onednn_product] + second[_onednn_product]
+    return torch_seconds / onednn_seconds
 
 
 def _measure() -> float:
-    """F.linear's time over oneDNN's on one (2048, 192) x (768, 192).T fp32 product, best of 5 each."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2048, 192, generator=g), torch.randn(768, 192, generator=g)   # tiny's fc1
-    with torch.no_grad():
-        return _best_time(lambda: F.linear(x, w)) / _best_time(lambda: _mm_t(x, w))
+    """F.linear's time over oneDNN's on forward + backward of SHAPES: the median of PAIRS pair ratios
+    after WARM_UP untimed rounds (a process's first products run several times slower)."""
+    cases = _layer_cases()
+    for k in range(WARM_UP):
+        _round(cases, onednn_first=k % 2 == 1)
+    ratios = [_pair_ratio(cases) for _ in range(PAIRS)]
+    return statistics.median(ratios)
 
 
 def _machine_key() -> str:
@@ -87,7 +132,8 @@ def _machine_key() -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         model = names[0] if names else model
-    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model} | torch {torch.__version__} | {threads} threads | {MEASUREMENT}"
 
 
 def cache_file() -> Path:

@@ -93,22 +93,48 @@ def test_route_follows_the_micro_benchmark_measured_once_per_machine(monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(cpu_linear.ROUTE_ENV, raising=False)
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", None)
-    timed = []
-    best_time = cpu_linear._best_time
-    monkeypatch.setattr(cpu_linear, "_best_time", lambda f: timed.append(f) or best_time(f))
+    old_key = cpu_linear._machine_key().rsplit(" | ", 1)[0]     # a verdict of the one-product benchmark
+    cpu_linear.cache_file().parent.mkdir(parents=True)
+    cpu_linear.cache_file().write_text(json.dumps({old_key: 9.0}))
+    measured = []
+    measure = cpu_linear._measure
+    monkeypatch.setattr(cpu_linear, "_measure", lambda: measured.append(1) or measure())
     x, w = torch.randn(4, 8), torch.randn(6, 8)
     first = uses_onednn(x, w)
     ratio = cpu_linear.speedup()
-    assert len(timed) == 2 and 0.1 < ratio < 20                 # F.linear and oneDNN, timed once each
-    assert uses_onednn(x, w) == first == (ratio > cpu_linear.MIN_SPEEDUP) and len(timed) == 2
+    assert len(measured) == 1 and 0.1 < ratio < 20 and ratio != 9.0   # the old verdict is not reused
+    assert uses_onednn(x, w) == first == (ratio > cpu_linear.MIN_SPEEDUP) and len(measured) == 1
     cached = json.loads(cpu_linear.cache_file().read_text())
-    assert list(cached.values()) == [ratio]
+    assert cached == {old_key: 9.0, cpu_linear._machine_key(): ratio}
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", None)           # a new process on the same machine
-    assert cpu_linear.speedup() == ratio and len(timed) == 2    # reads the verdict, times nothing
+    assert cpu_linear.speedup() == ratio and len(measured) == 1  # reads the verdict, times nothing
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", 0.9)            # a machine where oneDNN is slower (issue 20's Xeon)
     assert not uses_onednn(x, w)
     monkeypatch.setattr(cpu_linear, "_SPEEDUP", 1.5)
     assert uses_onednn(x, w)
+
+
+@needs_onednn
+def test_micro_benchmark_times_forward_and_backward_of_every_shape_in_both_orders(monkeypatch):
+    """Each pair of rounds times every layer of SHAPES through both routes, each route once first, and the
+    verdict is the median pair ratio of F.linear's seconds over oneDNN's."""
+    calls = []
+
+    def fake_forward_backward(product, x, w, grad):
+        calls.append((product, x.shape[1], w.shape[0]))
+        return {F.linear: 3.0, cpu_linear._onednn_product: 2.0}[product]
+
+    monkeypatch.setattr(cpu_linear, "_forward_backward", fake_forward_backward)
+    assert cpu_linear._measure() == 1.5
+    n = len(cpu_linear.SHAPES)
+    rounds = [calls[k:k + 2 * n] for k in range(0, len(calls), 2 * n)]
+    assert len(rounds) == cpu_linear.WARM_UP + 2 * cpu_linear.PAIRS
+    timed = rounds[cpu_linear.WARM_UP:]
+    firsts = [r[0][0] for r in timed]
+    assert firsts[0::2] == [F.linear] * cpu_linear.PAIRS
+    assert firsts[1::2] == [cpu_linear._onednn_product] * cpu_linear.PAIRS
+    shapes = [(i, o) for _, i, o in sorted(timed[0][:n], key=lambda c: c[1:])]
+    assert sorted((i, o) for _, i, o in cpu_linear.SHAPES) == shapes
 
 
 @needs_onednn
