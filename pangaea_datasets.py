@@ -1,41 +1,56 @@
 """
-PANGAEA dataset readers (PANGAEA, Marsocci et al. 2024, and its dataset configs): the benchmark's on-disk
-formats and configs, users' data in the TerraMesh layout with a label folder, image folders for few-shot
-classification.
+PANGAEA dataset readers (PANGAEA, Marsocci et al. 2024, and its dataset configs): the benchmark's
+on-disk formats and configs, and Sen1Floods11 chips as TerraMesh samples.
 
-Consumes dataset folders as the benchmark ships them (each reader's docstring gives its layout); produces samples
-`ds[i]` -> ({"optical" | "sar" | modality: float32 (C, T, H, W) in file units}, int64 target (H, W)), with the
-dataset's classes, ignore index, band names and mean/std attached. Used by eval_pangaea.py (the protocol) and
-tim_finetune.py; `write_class_folders` backs `python eval_pangaea.py folders`. Nothing here trains or runs a model,
-so there are no CPU/GPU/torchrun commands of its own: see eval_pangaea.py.
+Consumes dataset folders as the benchmark ships them (each reader's docstring gives its layout).
+Produces samples `ds[i]` -> ({"optical" | "sar" | modality: float32 (C, T, H, W) in file units},
+int64 target (H, W)), with the dataset's classes, ignore index, band names and mean/std attached.
+Users' own data (TerraMesh roots with a label folder, LULC classes, image folders) is read by
+terramesh_labels.py on the same `PangaeaDataset` base.
+
+Used by eval_pangaea.py (the protocol), tim_data.py (TiM) and generate.py (Sen1Floods11
+chips). Nothing here trains or runs a model, so there are no CPU/GPU/torchrun commands of its
+own: see eval_pangaea.py.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from terramesh import (CLOUDS, LULC_CLASSES, MODALITIES, NO_DATA, S2_BAND_CODES, TerraMeshDataset, destandardize,
-                       format_coords, read_input, read_tiff, standardize, to_channels_first)
+from terramesh import (MODALITIES, S2_BAND_CODES, format_coords, read_input, read_tiff,
+                       standardize, to_channels_first)
 
 
-OPTICAL, SAR = ("S2L1C", "S2L2A", "S2RGB"), ("S1GRD", "S1RTC")
+OPTICAL = ("S2L1C", "S2L2A", "S2RGB")
+SAR = ("S1GRD", "S1RTC")
 S2_13 = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
 S2_10 = ("B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12")
 
 
 def band_codes(modality: str) -> list:
-    """A TerraMind modality's bands as Sentinel-2 band codes (B1..B12, B8A); VV, VH, DEM otherwise."""
+    """A TerraMind modality's bands as Sentinel-2 band codes (B1..B12, B8A); VV, VH, DEM
+    otherwise."""
     return [S2_BAND_CODES.get(b, b) for b in MODALITIES[modality].bands]
 
 
-def _tif(path, channels=1) -> np.ndarray:
+def source_key(modality: str, available) -> str:
+    """The reader key that feeds a TerraMind modality: the same name, else "optical" for the S-2
+    modalities and "sar" for the S-1 ones (Sen1Floods11: "optical" = 13 L1C bands, "sar" = VV,
+    VH)."""
+    if modality in available:
+        return modality
+    if modality in OPTICAL:
+        return "optical"
+    if modality in SAR:
+        return "sar"
+    return modality
+
+
+def read_tif(path, channels=1) -> np.ndarray:
     return to_channels_first(read_tiff(path)[0], channels, path)                     # (C, H, W)
 
 
@@ -52,27 +67,43 @@ def _pairs(images, labels, where) -> list:
     return list(zip(images, labels))
 
 
-def _lines(path) -> list:
+def read_lines(path) -> list:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: split file not found")
-    return [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
+    lines = Path(path).read_text().splitlines()
+    return [s.strip() for s in lines if s.strip()]
+
+
+def _flat(item) -> list:
+    """A reader's item (a path, an id, or nested tuples and lists of them) as a flat list."""
+    if not isinstance(item, (tuple, list)):
+        return [item]
+    parts = []
+    for part in item:
+        parts.extend(_flat(part))
+    return parts
 
 
 def _nearest(x, h, w):
-    """Nearest resampling of (..., H, W) to (h, w): source pixel floor((i + 0.5) * H / h), as GDAL/rasterio."""
-    rows, cols = (((np.arange(n) + 0.5) * x.shape[a] / n).astype(int) for n, a in ((h, -2), (w, -1)))
+    """Nearest resampling of (..., H, W) to (h, w): source pixel floor((i + 0.5) * H / h), as
+    GDAL/rasterio do."""
+    rows = ((np.arange(h) + 0.5) * x.shape[-2] / h).astype(int)
+    cols = ((np.arange(w) + 0.5) * x.shape[-1] / w).astype(int)
     return x[..., rows[:, None], cols]
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Dataset readers: the benchmark's on-disk formats and configs (PANGAEA configs/dataset/*.yaml and pangaea/datasets/)
+# -----------------------------------------------------------------------------------------------
+# Dataset readers: the benchmark's on-disk formats and configs
+# (PANGAEA configs/dataset/*.yaml and pangaea/datasets/)
 
 class PangaeaDataset(torch.utils.data.Dataset):
-    """One split of a dataset in its own format (the class docstring gives the layout). `ds[i]` -> ({modality:
-    float32 (C, T, H, W) in file units, NaN -> 0}, int64 target (H, W)). A reader carries its dataset's config:
-    classes, ignore_index, bands/mean/std per modality ("optical", "sar" or a TerraMind modality), frames
-    (multi_temporal), binary (one sigmoid logit), prep ("crop": random crops, sliding windows; "focus": crops
-    around labelled pixels; "resize": the whole image resized to the encoder size, no windows)."""
+    """One split of a dataset in its own format (the class docstring gives the layout).
+
+    `ds[i]` -> ({modality: float32 (C, T, H, W) in file units, NaN -> 0}, int64 target (H, W)).
+    A reader carries its dataset's config: classes, ignore_index, bands/mean/std per modality
+    ("optical", "sar" or a TerraMind modality), frames (multi_temporal), binary (one sigmoid
+    logit), prep ("crop": random crops, sliding windows; "focus": crops around labelled pixels;
+    "resize": the whole image resized to the encoder size, no windows)."""
     ignore_index, frames, binary, prep = -1, 1, False, "crop"
 
     def __init__(self, root, split: str):
@@ -81,198 +112,295 @@ class PangaeaDataset(torch.utils.data.Dataset):
         self.root, self.split = Path(root), split
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: no such dataset folder")
-        if not (items := self.list_items(split)):
-            raise FileNotFoundError(f"{self.root}: no {split} samples of {self.name}; expected {self.__doc__}")
+        items = self.list_items(split)
+        if not items:
+            raise FileNotFoundError(f"{self.root}: no {split} samples of {self.name}; "
+                                    f"expected {self.__doc__}")
         self.items = items
 
     def __len__(self):
         return len(self.items)
 
+    def sample_files(self, i: int) -> str:
+        """The files of sample i (or its id where the item is one), for messages."""
+        return " + ".join(str(part) for part in _flat(self.items[i]))
+
     def __getitem__(self, i):
         image, target = self.read(self.items[i])
         image = {k: np.nan_to_num(v.astype(np.float32)) for k, v in image.items()}
-        return {k: v[:, None] if v.ndim == 3 else v for k, v in image.items()}, np.asarray(target, np.int64)
+        image = {k: v[:, None] if v.ndim == 3 else v for k, v in image.items()}     # (C, T, H, W)
+        return image, np.asarray(target, np.int64)
 
 
 class Sen1Floods11(PangaeaDataset):
-    """v1.1/splits/flood_handlabeled/flood_{train,valid,test}_data.csv ('<x>_S1Hand.tif,<x>_LabelHand.tif'),
-    v1.1/data/flood_events/HandLabeled/{S1Hand,S2Hand,LabelHand}/*.tif"""
-    name, classes, bands = "sen1floods11", ("Not Water", "Water"), {"optical": S2_13, "sar": ("VV", "VH")}
-    mean = {"optical": (1626.916, 1396.035, 1364.061, 1218.228, 1466.073, 2386.903, 2845.613, 2622.958, 3077.482,
-                        486.874, 63.779, 2030.648, 1179.166), "sar": (-10.184408, -16.895273)}
-    std = {"optical": (700.171, 739.095, 735.248, 864.937, 776.880, 921.368, 1084.373, 1022.634, 1196.443, 336.611,
-                       143.999, 980.871, 764.608), "sar": (4.255339, 5.290568)}
+    """v1.1/splits/flood_handlabeled/flood_{train,valid,test}_data.csv
+    ('<x>_S1Hand.tif,<x>_LabelHand.tif'), v1.1/data/flood_events/HandLabeled/
+    {S1Hand,S2Hand,LabelHand}/*.tif"""
+    name, classes = "sen1floods11", ("Not Water", "Water")
+    bands = {"optical": S2_13, "sar": ("VV", "VH")}
+    mean = {"optical": (1626.916, 1396.035, 1364.061, 1218.228, 1466.073, 2386.903, 2845.613,
+                        2622.958, 3077.482, 486.874, 63.779, 2030.648, 1179.166),
+            "sar": (-10.184408, -16.895273)}
+    std = {"optical": (700.171, 739.095, 735.248, 864.937, 776.880, 921.368, 1084.373,
+                       1022.634, 1196.443, 336.611, 143.999, 980.871, 764.608),
+           "sar": (4.255339, 5.290568)}
 
     def list_items(self, split):
-        d, csv = self.root / "v1.1/data/flood_events/HandLabeled", f"flood_{'valid' if split == 'val' else split}_data"
-        rows = [r.split(",") for r in _lines(self.root / f"v1.1/splits/flood_handlabeled/{csv}.csv")]
-        return [(d / "S1Hand" / a, d / "S2Hand" / a.replace("S1Hand", "S2Hand"), d / "LabelHand" / b) for a, b in rows]
+        d = self.root / "v1.1/data/flood_events/HandLabeled"
+        csv = f"flood_{'valid' if split == 'val' else split}_data.csv"
+        rows = [r.split(",") for r in read_lines(self.root / "v1.1/splits/flood_handlabeled" / csv)]
+        items = []
+        for s1, label in rows:
+            s2 = s1.replace("S1Hand", "S2Hand")
+            items.append((d / "S1Hand" / s1, d / "S2Hand" / s2, d / "LabelHand" / label))
+        return items
 
     def read(self, item):
-        return {"optical": _tif(item[1], 13), "sar": _tif(item[0], 2)}, _tif(item[2])[0]
+        image = {"optical": read_tif(item[1], 13), "sar": read_tif(item[0], 2)}
+        return image, read_tif(item[2])[0]
 
 
 class HLSBurnScars(PangaeaDataset):
     """{training,validation}/*merged.tif (H, W, 6) and *mask.tif; `validation` is the test split"""
-    name, classes, bands = "hlsburnscars", ("Not burned", "Burn scar"), {"optical": S2_10[:3] + S2_10[7:]}
+    name, classes = "hlsburnscars", ("Not burned", "Burn scar")
+    bands = {"optical": S2_10[:3] + S2_10[7:]}
     mean = {"optical": (0.033350, 0.057012, 0.058897, 0.232325, 0.197285, 0.119449)}
     std = {"optical": (0.022691, 0.026808, 0.040041, 0.077917, 0.087087, 0.072420)}
 
-    def list_items(self, split):   # official: sklearn train_test_split(test_size=0.1, random_state=23) of `training`
+    def list_items(self, split):
         d = self.root / ("validation" if split == "test" else "training")
         pairs = _pairs(sorted(d.glob("*merged.tif")), sorted(d.glob("*mask.tif")), d)
-        n_val, order = math.ceil(0.1 * len(pairs)), np.random.RandomState(23).permutation(len(pairs))
-        return pairs if split == "test" else [pairs[i] for i in (order[n_val:] if split == "train" else order[:n_val])]
+        if split == "test":
+            return pairs
+        # official: sklearn train_test_split(test_size=0.1, random_state=23) of `training`
+        n_val = math.ceil(0.1 * len(pairs))
+        order = np.random.RandomState(23).permutation(len(pairs))
+        chosen = order[n_val:] if split == "train" else order[:n_val]
+        return [pairs[i] for i in chosen]
 
     def read(self, item):
-        x = _tif(item[0], 6)
-        return {"optical": np.where(x == 9999, 0, x)}, _tif(item[1])[0]              # official: 9999 -> 0
+        x = read_tif(item[0], 6)
+        x = np.where(x == 9999, 0, x)                                   # official: 9999 -> 0
+        return {"optical": x}, read_tif(item[1])[0]
 
 
 class MADOS(PangaeaDataset):
-    """splits/{train,val,test}_X.txt ('Scene_<n>_<crop>'), Scene_*/{10,20,60}/*_L2R_rhorc_<nm>_<crop>.tif, labels
-    Scene_*/10/*_L2R_cl_<crop>.tif"""
-    name, bands, prep = "mados", {"optical": S2_13[:9] + S2_13[11:]}, "focus"
-    classes = ("Marine Debris", "Dense Sargassum", "Sparse Floating Algae", "Natural Organic Material", "Ship",
-               "Oil Spill", "Marine Water", "Sediment-Laden Water", "Foam", "Turbid Water", "Shallow Water",
-               "Waves & Wakes", "Oil Platform", "Jellyfish", "Sea snot")
-    mean = {"optical": (.05827, .05223, .04381, .03571, .03413, .03680, .03999, .03567, .03965, .02680, .01979)}
-    std = {"optical": (.03241, .03432, .03548, .03758, .03785, .04992, .05884, .05546, .06424, .04211, .03019)}
+    """splits/{train,val,test}_X.txt ('Scene_<n>_<crop>'),
+    Scene_*/{10,20,60}/*_L2R_rhorc_<nm>_<crop>.tif, labels Scene_*/10/*_L2R_cl_<crop>.tif"""
+    name, prep = "mados", "focus"
+    bands = {"optical": S2_13[:9] + S2_13[11:]}
+    classes = ("Marine Debris", "Dense Sargassum", "Sparse Floating Algae",
+               "Natural Organic Material", "Ship", "Oil Spill", "Marine Water",
+               "Sediment-Laden Water", "Foam", "Turbid Water", "Shallow Water", "Waves & Wakes",
+               "Oil Platform", "Jellyfish", "Sea snot")
+    mean = {"optical": (.05827, .05223, .04381, .03571, .03413, .03680, .03999, .03567, .03965,
+                        .02680, .01979)}
+    std = {"optical": (.03241, .03432, .03548, .03758, .03785, .04992, .05884, .05546, .06424,
+                       .04211, .03019)}
 
-    def list_items(self, split):   # bands sorted by wavelength (nm in the name)
-        names, crop = set(_lines(self.root / "splits" / f"{split}_X.txt")), lambda p: p.name.split("_cl_")[-1]
-        return [(sorted(scene.glob(f"*/*L2R_rhorc*_{crop(y)}"), key=lambda p: int(p.name.split("_")[-2])), y)
-                for scene in sorted(self.root.glob("Scene_*")) for y in sorted((scene / "10").glob("*_cl_*"))
-                if f"{scene.name}_{crop(y)[:-4]}" in names]
+    def list_items(self, split):
+        names = set(read_lines(self.root / "splits" / f"{split}_X.txt"))
+        items = []
+        for scene in sorted(self.root.glob("Scene_*")):
+            for label in sorted((scene / "10").glob("*_cl_*")):
+                crop = label.name.split("_cl_")[-1]                      # "<crop>.tif"
+                if f"{scene.name}_{crop[:-4]}" not in names:
+                    continue
+                bands = scene.glob(f"*/*L2R_rhorc*_{crop}")
+                by_wavelength = sorted(bands, key=lambda p: int(p.name.split("_")[-2]))   # nm
+                items.append((by_wavelength, label))
+        return items
 
     def read(self, item):
         if len(item[0]) != 11:
             raise ValueError(f"{item[1]}: {len(item[0])} rhorc bands for this crop, expected 11")
-        y = _tif(item[1])[0].astype(np.int64) - 1                                    # official: 0 -> -1 (ignore)
-        return {"optical": np.stack([_nearest(_tif(b)[0], *y.shape) for b in item[0]])}, y   # 20/60 m -> 10 m
+        y = read_tif(item[1])[0].astype(np.int64) - 1          # official: 0 -> -1 (ignore)
+        bands = [_nearest(read_tif(b)[0], *y.shape) for b in item[0]]       # 20/60 m -> 10 m
+        return {"optical": np.stack(bands)}, y
 
 
 class PASTIS(PangaeaDataset):
-    """metadata.geojson (ID_PATCH, Fold: 1-3 train, 4 val, 5 test), DATA_S2/S2_<id>.npy, DATA_S1A/S1A_<id>.npy
-    (T, C, 128, 128), ANNOTATIONS/TARGET_<id>.npy (channel 0: classes)"""
+    """metadata.geojson (ID_PATCH, Fold: 1-3 train, 4 val, 5 test), DATA_S2/S2_<id>.npy,
+    DATA_S1A/S1A_<id>.npy (T, C, 128, 128), ANNOTATIONS/TARGET_<id>.npy (channel 0: classes)"""
     name, ignore_index, frames, prep = "pastis", 19, 6, "resize"
-    classes = ("Background", "Meadow", "Soft Winter Wheat", "Corn", "Winter Barley", "Winter Rapeseed", "Spring Barley",
-               "Sunflower", "Grapevine", "Beet", "Winter Triticale", "Winter Durum Wheat", "Fruits, Vegetables, Flowers",
-               "Potatoes", "Leguminous Fodder", "Soybeans", "Orchard", "Mixed Cereal", "Sorghum", "Void Label")
+    classes = ("Background", "Meadow", "Soft Winter Wheat", "Corn", "Winter Barley",
+               "Winter Rapeseed", "Spring Barley", "Sunflower", "Grapevine", "Beet",
+               "Winter Triticale", "Winter Durum Wheat", "Fruits, Vegetables, Flowers",
+               "Potatoes", "Leguminous Fodder", "Soybeans", "Orchard", "Mixed Cereal", "Sorghum",
+               "Void Label")
     bands = {"optical": S2_10, "sar": ("VV", "VH", "VV-VH")}
-    mean = {"optical": (1161.676, 1371.431, 1423.407, 1759.725, 2714.526, 3055.838, 3197.896, 3313.358, 2415.968,
-                        1626.843), "sar": (-10.9433, -17.36, 6.4167)}
-    std = {"optical": (2045.070, 1983.176, 2060.797, 1968.817, 1867.216, 1885.136, 1897.511, 1885.164, 1542.767,
-                       1375.251), "sar": (3.3847, 3.3727, 3.3874)}
+    mean = {"optical": (1161.676, 1371.431, 1423.407, 1759.725, 2714.526, 3055.838, 3197.896,
+                        3313.358, 2415.968, 1626.843),
+            "sar": (-10.9433, -17.36, 6.4167)}
+    std = {"optical": (2045.070, 1983.176, 2060.797, 1968.817, 1867.216, 1885.136, 1897.511,
+                       1885.164, 1542.767, 1375.251),
+           "sar": (3.3847, 3.3727, 3.3874)}
 
     def list_items(self, split):
         folds = {"train": (1, 2, 3), "val": (4,), "test": (5,)}[split]
-        feats = json.loads((self.root / "metadata.geojson").read_text())["features"]
-        return [f["properties"]["ID_PATCH"] for f in feats if f["properties"]["Fold"] in folds]
+        features = json.loads((self.root / "metadata.geojson").read_text())["features"]
+        patches = [f["properties"] for f in features]
+        return [p["ID_PATCH"] for p in patches if p["Fold"] in folds]
 
-    def read(self, pid):   # 6 frames evenly spaced (linspace), (T, C, H, W) -> (C, 6, H, W)
-        pick = lambda x: x[np.linspace(0, len(x) - 1, self.frames).astype(np.int64)].transpose(1, 0, 2, 3)  # noqa: E731
-        s2, s1 = (_npy(self.root / f"DATA_{m}" / f"{m}_{pid}.npy") for m in ("S2", "S1A"))
-        return {"optical": pick(s2), "sar": pick(s1)}, _npy(self.root / f"ANNOTATIONS/TARGET_{pid}.npy")[0]
+    def pick_frames(self, x):
+        """(T, C, H, W) -> (C, 6, H, W): 6 frames evenly spaced (linspace)."""
+        frames = np.linspace(0, len(x) - 1, self.frames).astype(np.int64)
+        return x[frames].transpose(1, 0, 2, 3)
+
+    def read(self, pid):
+        s2 = _npy(self.root / "DATA_S2" / f"S2_{pid}.npy")
+        s1 = _npy(self.root / "DATA_S1A" / f"S1A_{pid}.npy")
+        target = _npy(self.root / f"ANNOTATIONS/TARGET_{pid}.npy")[0]
+        return {"optical": self.pick_frames(s2), "sar": self.pick_frames(s1)}, target
+
+
+def _latest_frames(x, frames=6):
+    """(C, H, W, T) -> (C, frames, H, W): time flipped (latest first), cut or zero-padded."""
+    latest = x[..., ::-1][..., :frames]
+    padding = [(0, 0)] * 3 + [(0, max(frames - x.shape[-1], 0))]
+    return np.pad(latest, padding).transpose(0, 3, 1, 2)
 
 
 class CropTypeMapping(PangaeaDataset):
-    """southsudan/list_eval_partition.csv (id,partition: 0/1/2 = train/val/test), southsudan/npy/southsudan_<id:06d>
-    .npz (s1, s2: C x H x W x T), southsudan/truth/southsudan_<id:06d>.npz (truth: 1..4 the classes)"""
-    name, classes, frames, prep = "croptypemapping", ("Sorghum", "Maize", "Rice", "Groundnut"), 6, "resize"
+    """southsudan/list_eval_partition.csv (id,partition: 0/1/2 = train/val/test),
+    southsudan/npy/southsudan_<id:06d>.npz (s1, s2: C x H x W x T),
+    southsudan/truth/southsudan_<id:06d>.npz (truth: 1..4 the classes)"""
+    name, frames, prep = "croptypemapping", 6, "resize"
+    classes = ("Sorghum", "Maize", "Rice", "Groundnut")
     bands = {"optical": S2_10, "sar": ("VV", "VH")}
-    mean = {"optical": (2031.169, 1961.431, 1979.410, 2145.663, 2700.288, 3006.880, 2870.535, 3215.056, 2367.765,
-                        1645.224), "sar": (-9.448692, -15.309401)}
-    std = {"optical": (2112.213, 2027.464, 2136.804, 2100.725, 2082.193, 2142.973, 2071.283, 2152.289, 1334.547,
-                       1059.039), "sar": (4.107619, 5.676464)}
+    mean = {"optical": (2031.169, 1961.431, 1979.410, 2145.663, 2700.288, 3006.880, 2870.535,
+                        3215.056, 2367.765, 1645.224),
+            "sar": (-9.448692, -15.309401)}
+    std = {"optical": (2112.213, 2027.464, 2136.804, 2100.725, 2082.193, 2142.973, 2071.283,
+                       2152.289, 1334.547, 1059.039),
+           "sar": (4.107619, 5.676464)}
 
     def list_items(self, split):
-        rows = [r.split(",") for r in _lines(self.root / "southsudan/list_eval_partition.csv")[1:]]
-        return [int(i) for i, part in rows if int(part) == ("train", "val", "test").index(split)]
+        lines = read_lines(self.root / "southsudan/list_eval_partition.csv")[1:]
+        rows = [r.split(",") for r in lines]
+        part = ("train", "val", "test").index(split)
+        return [int(i) for i, p in rows if int(p) == part]
 
-    def read(self, sid):   # official: time flipped (latest first), cut or zero-padded to 6 frames -> (C, 6, H, W)
-        latest = lambda x: np.pad(x[..., ::-1][..., :6], [(0, 0)] * 3 + [(0, max(6 - x.shape[-1], 0))]).transpose(0, 3, 1, 2)  # noqa: E731,E501
-        npz, y = (_npy(self.root / f"southsudan/{d}/southsudan_{sid:06d}.npz") for d in ("npy", "truth"))
-        y = y["truth"]
-        return ({"optical": latest(npz["s2"][:10]), "sar": latest(npz["s1"][:2])},   # s1: VV, VH of its channels
-                np.where((y >= 1) & (y <= 4), y - 1, -1))
+    def read(self, sid):   # official: latest frame first, 6 frames
+        npz = _npy(self.root / f"southsudan/npy/southsudan_{sid:06d}.npz")
+        y = _npy(self.root / f"southsudan/truth/southsudan_{sid:06d}.npz")["truth"]
+        image = {"optical": _latest_frames(npz["s2"][:10]),
+                 "sar": _latest_frames(npz["s1"][:2])}                  # s1: VV, VH of its channels
+        return image, np.where((y >= 1) & (y <= 4), y - 1, -1)
 
 
 class AI4SmallFarms(PangaeaDataset):
     """sentinel-2-asia/{train,val,test}/{images,masks}/*.tif (images H x W x 4, masks 0/255)"""
-    name, classes, bands, binary = "ai4smallfarms", ("Background", "Crop Field"), {"optical": ("B2", "B3", "B4", "B8")}, True
-    mean, std = {"optical": (750.2136, 1032.7277, 1165.1279, 2416.0448)}, {"optical": (283.3842, 332.728, 518.9025, 702.3791)}
+    name, classes, binary = "ai4smallfarms", ("Background", "Crop Field"), True
+    bands = {"optical": ("B2", "B3", "B4", "B8")}
+    mean = {"optical": (750.2136, 1032.7277, 1165.1279, 2416.0448)}
+    std = {"optical": (283.3842, 332.728, 518.9025, 702.3791)}
 
     def list_items(self, split):
         d = self.root / "sentinel-2-asia" / split
-        return _pairs(sorted((d / "images").glob("*.tif")), sorted((d / "masks").glob("*.tif")), d)
+        images = sorted((d / "images").glob("*.tif"))
+        return _pairs(images, sorted((d / "masks").glob("*.tif")), d)
 
     def read(self, item):
-        return {"optical": _tif(item[0], 4)}, _tif(item[1])[0] > 0                    # official: 0/255 -> 0/1
+        mask = read_tif(item[1])[0] > 0                                 # official: 0/255 -> 0/1
+        return {"optical": read_tif(item[0], 4)}, mask
 
 
-SN7_AOIS = {  # official: the domain-shift split by AOI, 30 train / 15 val / 14 test; names are L15-<this>_13
-    "train": "0331E-1257N_1327_3160 0358E-1220N_1433_3310 0457E-1135N_1831_3648 0487E-1246N_1950_3207 0577E-1243N_2309"
-             "_3217 0586E-1127N_2345_3680 0595E-1278N_2383_3079 0632E-0892N_2528_4620 0683E-1006N_2732_4164 0924E-1108N"
-             "_3699_3757 1015E-1062N_4061_3941 1138E-1216N_4553_3325 1203E-1203N_4815_3378 1204E-1202N_4816_3380 1209E-"
-             "1113N_4838_3737 1210E-1025N_4840_4088 1276E-1107N_5105_3761 1298E-1322N_5193_2903 1389E-1284N_5557_3054 "
-             "1438E-1134N_5753_3655 1439E-1134N_5759_3655 1481E-1119N_5927_3715 1538E-1163N_6154_3539 1615E-1206N_6460"
-             "_3366 1669E-1153N_6678_3579 1669E-1160N_6679_3549 1672E-1207N_6691_3363 1703E-1219N_6813_3313 1709E-1112N"
-             "_6838_3742 1716E-1211N_6864_3345",
-    "val": "0357E-1223N_1429_3296 0361E-1300N_1446_2989 0368E-1245N_1474_3210 0566E-1185N_2265_3451 0614E-0946N_2459_"
-           "4406 0760E-0887N_3041_4643 1014E-1375N_4056_2688 1049E-1370N_4196_2710 1185E-0935N_4742_4450 1289E-1169N_"
-           "5156_3514 1296E-1198N_5184_3399 1615E-1205N_6460_3370 1617E-1207N_6468_3360 1669E-1160N_6678_3548 1748E-"
-           "1247N_6993_3202",
-    "test": "0387E-1276N_1549_3087 0434E-1218N_1736_3318 0506E-1204N_2027_3374 0544E-1228N_2176_3279 0977E-1187N_3911"
-            "_3441 1025E-1366N_4102_2726 1172E-1306N_4688_2967 1200E-0847N_4802_4803 1204E-1204N_4819_3372 1335E-1166N"
-            "_5342_3524 1479E-1101N_5916_3785 1690E-1211N_6763_3346 1691E-1211N_6764_3347 1848E-0793N_7394_5018"}
+# official: the domain-shift split by AOI, 30 train / 15 val / 14 test; names are L15-<this>_13
+SN7_AOIS = {
+    "train": """
+        0331E-1257N_1327_3160 0358E-1220N_1433_3310 0457E-1135N_1831_3648 0487E-1246N_1950_3207
+        0577E-1243N_2309_3217 0586E-1127N_2345_3680 0595E-1278N_2383_3079 0632E-0892N_2528_4620
+        0683E-1006N_2732_4164 0924E-1108N_3699_3757 1015E-1062N_4061_3941 1138E-1216N_4553_3325
+        1203E-1203N_4815_3378 1204E-1202N_4816_3380 1209E-1113N_4838_3737 1210E-1025N_4840_4088
+        1276E-1107N_5105_3761 1298E-1322N_5193_2903 1389E-1284N_5557_3054 1438E-1134N_5753_3655
+        1439E-1134N_5759_3655 1481E-1119N_5927_3715 1538E-1163N_6154_3539 1615E-1206N_6460_3366
+        1669E-1153N_6678_3579 1669E-1160N_6679_3549 1672E-1207N_6691_3363 1703E-1219N_6813_3313
+        1709E-1112N_6838_3742 1716E-1211N_6864_3345""",
+    "val": """
+        0357E-1223N_1429_3296 0361E-1300N_1446_2989 0368E-1245N_1474_3210 0566E-1185N_2265_3451
+        0614E-0946N_2459_4406 0760E-0887N_3041_4643 1014E-1375N_4056_2688 1049E-1370N_4196_2710
+        1185E-0935N_4742_4450 1289E-1169N_5156_3514 1296E-1198N_5184_3399 1615E-1205N_6460_3370
+        1617E-1207N_6468_3360 1669E-1160N_6678_3548 1748E-1247N_6993_3202""",
+    "test": """
+        0387E-1276N_1549_3087 0434E-1218N_1736_3318 0506E-1204N_2027_3374 0544E-1228N_2176_3279
+        0977E-1187N_3911_3441 1025E-1366N_4102_2726 1172E-1306N_4688_2967 1200E-0847N_4802_4803
+        1204E-1204N_4819_3372 1335E-1166N_5342_3524 1479E-1101N_5916_3785 1690E-1211N_6763_3346
+        1691E-1211N_6764_3347 1848E-0793N_7394_5018"""}
 
 
 class SpaceNet7(PangaeaDataset):
-    """metadata_train.json ({AOI: [{aoi_id, year, month, label, mask}]}), train/<AOI>/images_masked/global_monthly_
-    <YYYY>_<MM>_mosaic_<AOI>.tif (RGB + alpha), train/<AOI>/labels_raster/global_monthly_..._Buildings.tif"""
-    name, classes, bands, binary = "spacenet7", ("Background", "Building"), {"optical": ("B4", "B3", "B2")}, True
-    mean, std = {"optical": (121.826, 106.52838, 78.372116)}, {"optical": (56.717068, 44.517075, 40.451515)}
-    mosaic, tile = 1024, 256                    # official: mosaics read at 1024 x 1024, cut into 16 tiles of 256
+    """metadata_train.json ({AOI: [{aoi_id, year, month, label, mask}]}),
+    train/<AOI>/images_masked/global_monthly_<YYYY>_<MM>_mosaic_<AOI>.tif (RGB + alpha),
+    train/<AOI>/labels_raster/global_monthly_..._Buildings.tif"""
+    name, classes, binary = "spacenet7", ("Background", "Building"), True
+    bands = {"optical": ("B4", "B3", "B2")}
+    mean = {"optical": (121.826, 106.52838, 78.372116)}
+    std = {"optical": (56.717068, 44.517075, 40.451515)}
+    mosaic, tile = 1024, 256   # official: mosaics read at 1024 x 1024, cut into 16 tiles of 256
 
     def list_items(self, split):   # official: labelled, unmasked months only
-        meta, ts = json.loads((self.root / "metadata_train.json").read_text()), range(0, self.mosaic, self.tile)
-        return [(t["aoi_id"], int(t["year"]), int(t["month"]), i, j) for a in SN7_AOIS[split].split()
-                for t in meta.get(f"L15-{a}_13", []) if t["label"] and not t["mask"] for i in ts for j in ts]
+        meta = json.loads((self.root / "metadata_train.json").read_text())
+        starts = range(0, self.mosaic, self.tile)
+        items = []
+        for aoi in SN7_AOIS[split].split():
+            months = meta.get(f"L15-{aoi}_13", [])
+            for t in months:
+                if not t["label"] or t["mask"]:
+                    continue
+                month = (t["aoi_id"], int(t["year"]), int(t["month"]))
+                items += [(*month, i, j) for i in starts for j in starts]
+        return items
 
     def read(self, item):
         aoi, year, month, i, j = item
-        f = str(self.root / "train" / aoi / "{}" / f"global_monthly_{year}_{month:02d}_mosaic_{aoi}{{}}.tif")
-        x = _nearest(_tif(f.format("images_masked", ""), 4)[:3], self.mosaic, self.mosaic)         # alpha dropped
-        y = _nearest(_tif(f.format("labels_raster", "_Buildings"))[0] > 0, self.mosaic, self.mosaic)
-        return {"optical": x[:, i:i + self.tile, j:j + self.tile]}, y[i:i + self.tile, j:j + self.tile]
+        name = f"global_monthly_{year}_{month:02d}_mosaic_{aoi}"
+        folder = self.root / "train" / aoi
+        image = read_tif(folder / "images_masked" / f"{name}.tif", 4)[:3]          # alpha dropped
+        label = read_tif(folder / "labels_raster" / f"{name}_Buildings.tif")[0] > 0
+        x = _nearest(image, self.mosaic, self.mosaic)
+        y = _nearest(label, self.mosaic, self.mosaic)
+        window = (slice(i, i + self.tile), slice(j, j + self.tile))
+        return {"optical": x[(slice(None), *window)]}, y[window]
 
 
 class DynamicEarthNet(PangaeaDataset):
-    """dynnet_training_splits/{train,val,test}.txt ('<image dir> <label.tif> <YYYY-MM>'), <image dir>/<YYYY-MM>-<DD>
-    .npy daily frames (C, H, W), labels as .npy class maps (H, W)"""
-    name, frames, bands = "dynamicen", 6, {"optical": ("B2", "B3", "B4", "B8")}   # DEVIATION: the config names
-    classes = ("impervious surface", "agriculture", "forest & other vegetation", "wetlands", "soil", "water")  # NIR B5
-    mean, std = {"optical": (671.2606, 915.6184, 1042.5924, 2605.2092)}, {"optical": (596.9439, 715.5488, 957.9584, 1059.9032)}
+    """dynnet_training_splits/{train,val,test}.txt ('<image dir> <label.tif> <YYYY-MM>'),
+    <image dir>/<YYYY-MM>-<DD>.npy daily frames (C, H, W), labels as .npy class maps (H, W)"""
+    name, frames = "dynamicen", 6
+    bands = {"optical": ("B2", "B3", "B4", "B8")}   # DEVIATION: the config names NIR B5
+    classes = ("impervious surface", "agriculture", "forest & other vegetation", "wetlands",
+               "soil", "water")
+    mean = {"optical": (671.2606, 915.6184, 1042.5924, 2605.2092)}
+    std = {"optical": (596.9439, 715.5488, 957.9584, 1059.9032)}
 
     def list_items(self, split):   # official: days 01-06 of the labelled month
-        rows = [r.split() for r in _lines(self.root / "dynnet_training_splits" / f"{split}.txt")]
-        return [([self.root / d.replace("/reprocess-cropped/UTM-24000/", "/planet/").lstrip("/") /
-                  f"{month}-{day:02d}.npy" for day in range(1, 7)], self.root / y.lstrip("/").replace(".tif", ".npy"))
-                for d, y, month in rows]
+        lines = read_lines(self.root / "dynnet_training_splits" / f"{split}.txt")
+        rows = [r.split() for r in lines]
+        items = []
+        for folder, label, month in rows:
+            folder = folder.replace("/reprocess-cropped/UTM-24000/", "/planet/").lstrip("/")
+            days = [self.root / folder / f"{month}-{day:02d}.npy" for day in range(1, 7)]
+            items.append((days, self.root / label.lstrip("/").replace(".tif", ".npy")))
+        return items
 
     def read(self, item):
-        return {"optical": np.stack([_npy(f) for f in item[0]], 1)}, _npy(item[1])        # (C, T, H, W)
+        frames = np.stack([_npy(f) for f in item[0]], 1)                      # (C, T, H, W)
+        return {"optical": frames}, _npy(item[1])
 
 
 class FiveBillionPixels(PangaeaDataset):
-    """{train,val,test}/{imgs or images,labels}/*.tif (images H x W x 4: NIR, R, G, B; label 0 = unlabeled)"""
-    name, ignore_index, bands = "fivebillionpixels", 0, {"optical": ("B8", "B4", "B3", "B2")}
-    classes = ("unlabeled", "industrial area", "paddy field", "irrigated field", "dry cropland", "garden land",
-               "arbor forest", "shrub forest", "park", "natural meadow", "artificial meadow", "river", "urban residential",
-               "lake", "pond", "fish pond", "snow", "bareland", "rural residential", "stadium", "square", "road",
-               "overpass", "railway station", "airport")
-    mean, std = {"optical": (92.6, 124.3, 94.2, 98.0)}, {"optical": (44.5, 51.0, 50.0, 47.1)}
+    """{train,val,test}/{imgs or images,labels}/*.tif (images H x W x 4: NIR, R, G, B;
+    label 0 = unlabeled)"""
+    name, ignore_index = "fivebillionpixels", 0
+    bands = {"optical": ("B8", "B4", "B3", "B2")}
+    classes = ("unlabeled", "industrial area", "paddy field", "irrigated field", "dry cropland",
+               "garden land", "arbor forest", "shrub forest", "park", "natural meadow",
+               "artificial meadow", "river", "urban residential", "lake", "pond", "fish pond",
+               "snow", "bareland", "rural residential", "stadium", "square", "road", "overpass",
+               "railway station", "airport")
+    mean = {"optical": (92.6, 124.3, 94.2, 98.0)}
+    std = {"optical": (44.5, 51.0, 50.0, 47.1)}
 
     def list_items(self, split):
         d = self.root / split
@@ -280,95 +408,28 @@ class FiveBillionPixels(PangaeaDataset):
         return _pairs(images, sorted((d / "labels").glob("*.tif")), d)
 
     def read(self, item):
-        return {"optical": _tif(item[0], 4)}, _tif(item[1])[0]
+        return {"optical": read_tif(item[0], 4)}, read_tif(item[1])[0]
 
 
-READERS = {r.name: r for r in (HLSBurnScars, MADOS, PASTIS, Sen1Floods11, FiveBillionPixels, DynamicEarthNet,
-                               CropTypeMapping, SpaceNet7, AI4SmallFarms)}
-
-
-def band_stats(reader, limit=500) -> tuple:
-    """Per-band ({modality: mean}, {modality: std}) over the first `limit` samples of a reader."""
-    sums = {}
-    for i in range(min(len(reader), limit)):
-        for k, x in reader[i][0].items():
-            x = x.reshape(len(x), -1).astype(np.float64)
-            sums.setdefault(k, np.zeros((3, len(x))))[:] += [x.sum(1), (x ** 2).sum(1), np.full(len(x), x.shape[1])]
-    mean = {k: s[0] / s[2] for k, s in sums.items()}
-    return ({k: tuple(v) for k, v in mean.items()},
-            {k: tuple(np.sqrt(np.maximum(s[1] / s[2] - mean[k] ** 2, 1e-12))) for k, s in sums.items()})
-
-
-class TerraMeshLabels(PangaeaDataset):
-    """<root>/<MODALITY>/<id>.tif, <root>/<labels>/<id>.tif (class map; negative = ignored), <root>/splits/<split>.txt
-    (users' own data, the synthetic world's label_water); standardized with its train split's statistics"""
-
-    def __init__(self, root, split, labels="label_water", modalities=None, classes=None, stats=None):
-        modalities = [m for m in (modalities or MODALITIES) if MODALITIES[m].pixel_key and (Path(root) / m).is_dir()]
-        self.data = TerraMeshDataset(root, modalities, size=None, split=split, labels=labels)
-        self.name, self.bands = f"{Path(root).name}/{labels}", {m: tuple(band_codes(m)) for m in modalities}
-        super().__init__(root, split)
-        self.classes = tuple(classes or range(1 + max(int(_tif(self.data.files[labels][i]).max()) for i in self.data.ids)))
-        self.mean, self.std = stats or band_stats(self)
-
-    def list_items(self, split):
-        return list(range(len(self.data)))
-
-    def read(self, i):
-        s = self.data[i]   # TerraMeshDataset standardizes with the official constants: back to file units
-        if missing := [m for m in self.bands if m not in s]:
-            raise ValueError(f"{self.root}: sample {self.data.ids[i]} has no {', '.join(missing)}")
-        return {m: destandardize(m, s[m].numpy()) for m in self.bands}, s[self.data.labels].numpy()
-
-
-class ImageFolder(PangaeaDataset):
-    """<root>/<class>/<id>.tif, one modality (bands in the modality's order, or given); the target is the class"""
-
-    def __init__(self, root, modality, bands=None, classes=None, stats=None):
-        self.key = "optical" if modality in OPTICAL else "sar" if modality in SAR else modality
-        self.classes = classes or sorted(d.name for d in Path(root).iterdir() if d.is_dir())
-        self.name, self.bands = Path(root).name, {self.key: tuple(bands or band_codes(modality))}
-        super().__init__(root, "test")
-        self.mean, self.std = stats or band_stats(self)
-
-    def list_items(self, split):
-        return [(f, k) for k, c in enumerate(self.classes) for f in sorted((self.root / c).glob("*.tif"))]
-
-    def read(self, item):
-        return {self.key: _tif(item[0], len(self.bands[self.key]))}, item[1]
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Few-shot image folders from a TerraMesh-layout folder
-
-def write_class_folders(root, out, modality="S2L2A", min_share=0.5) -> dict:
-    """<out>/{train,test}/<class>/<id>.tif (hard links) from a TerraMesh-layout folder: the class is the dominant
-    LULC class (no data and clouds not counted) where it covers >= min_share of the tile. -> counts."""
-    root, out, counts = Path(root), Path(out), {}
-    for split in ("train", "test"):
-        for sid in tqdm(_lines(root / "splits" / f"{split}.txt"), desc=split, leave=False):
-            n = np.bincount(_tif(root / "LULC" / f"{sid}.tif").ravel(), minlength=len(LULC_CLASSES))
-            total, n[[NO_DATA, CLOUDS]] = n.sum(), 0
-            if n.max() >= min_share * total:
-                dst = out / split / LULC_CLASSES[n.argmax()].replace(" ", "_").replace("/", "_") / f"{sid}.tif"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.unlink(missing_ok=True)
-                try:
-                    os.link(root / modality / f"{sid}.tif", dst)
-                except OSError:
-                    shutil.copyfile(root / modality / f"{sid}.tif", dst)
-                counts[split, dst.parent.name] = counts.get((split, dst.parent.name), 0) + 1
-    return counts
+READERS = {r.name: r for r in (HLSBurnScars, MADOS, PASTIS, Sen1Floods11, FiveBillionPixels,
+                               DynamicEarthNet, CropTypeMapping, SpaceNet7, AI4SmallFarms)}
 
 
 def read_sen1floods11(root, labels: str) -> list[dict]:
-    """Sen1Floods11 chips as standardized samples: S1Hand as S1GRD (dB), S2Hand as S2L1C, LabelHand as the
-    water label, and the coords of the chip centre from its EPSG:4326 tie point and pixel size."""
+    """Sen1Floods11 chips as standardized samples: S1Hand as S1GRD (dB), S2Hand as S2L1C,
+    LabelHand as the water label, and the coords of the chip centre from its EPSG:4326 tie point
+    and pixel size."""
     samples = []
     for path in sorted(Path(root, "Labels").glob("*_LabelHand.tif")):
         chip = path.name.removesuffix("_LabelHand.tif")
-        s = {m: read_input(m, Path(root, d, f"{chip}_{d}Hand.tif")) for m, d in (("S1GRD", "S1"), ("S2L1C", "S2"))}
-        (x0, y0), (sx, sy), (h, w) = s["S1GRD"][1][33922][3:5], s["S1GRD"][1][33550][:2], s["S1GRD"][0].shape[-2:]
-        samples.append({**{m: standardize(m, torch.from_numpy(x)) for m, (x, _) in s.items()}, "coords": format_coords(
-            x0 + w / 2 * sx, y0 - h / 2 * sy), labels: torch.from_numpy(read_tiff(path)[0].astype(np.int64))})
+        s1, geo = read_input("S1GRD", Path(root, "S1", f"{chip}_S1Hand.tif"))
+        s2, _ = read_input("S2L1C", Path(root, "S2", f"{chip}_S2Hand.tif"))
+        x0, y0 = geo[33922][3:5]                                 # tie point (lon, lat)
+        sx, sy = geo[33550][:2]                                  # pixel size
+        h, w = s1.shape[-2:]
+        label = read_tiff(path)[0].astype(np.int64)
+        samples.append({"S1GRD": standardize("S1GRD", torch.from_numpy(s1)),
+                        "S2L1C": standardize("S2L1C", torch.from_numpy(s2)),
+                        "coords": format_coords(x0 + w / 2 * sx, y0 - h / 2 * sy),
+                        labels: torch.from_numpy(label)})
     return samples

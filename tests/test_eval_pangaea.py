@@ -3,6 +3,8 @@ windows, every reader on a fixture written here in its dataset's exact on-disk f
 temporal mappings, few-shot, the protocol's schedule, and end-to-end runs with a stand-in encoder and with TerraMind."""
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,10 @@ from torch import nn
 
 import eval_pangaea as ep
 import pangaea_datasets as pds
+import synthetic
+import terramesh_labels as tml
 import terramind
+from sliding_windows import window_starts
 from terramesh import MODALITIES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +94,8 @@ def test_ignore_index_inside_the_class_range():
 # Sliding windows
 
 def test_window_starts_match_pangaea():
-    assert ep.window_starts(512, 224) == [0, 144, 288]     # PANGAEA's evaluator: a 512 image, 3 windows per axis
-    assert ep.window_starts(224, 224) == [0] and ep.window_starts(448, 224) == [0, 224]
+    assert window_starts(512, 224) == [0, 144, 288]     # PANGAEA's evaluator: a 512 image, 3 windows per axis
+    assert window_starts(224, 224) == [0] and window_starts(448, 224) == [0, 224]
 
 
 @pytest.mark.parametrize("h,w,window", [(512, 300, 224), (64, 64, 64), (100, 70, 64), (40, 50, 64)])
@@ -320,7 +325,7 @@ def _terramesh_fixture(root, n=24, size=32, seed=0):
 
 def test_terramesh_labels_reader(tmp_path):
     root = _terramesh_fixture(tmp_path / "world", n=8)
-    ds = pds.TerraMeshLabels(root, "train", "label_water", ["S1GRD", "S2L2A", "LULC"])
+    ds = tml.TerraMeshLabels(root, "train", "label_water", ["S1GRD", "S2L2A", "LULC"])
     image, y = ds[0]
     assert set(image) == {"S1GRD", "S2L2A"} and image["S1GRD"].shape == (2, 1, 32, 32) and ds.classes == (0, 1)
     raw = tifffile.imread(root / "S1GRD" / "000.tif")
@@ -331,12 +336,80 @@ def test_terramesh_labels_reader(tmp_path):
     assert np.allclose(x[0].numpy(), (image["S1GRD"][0] - ds.mean["S1GRD"][0]) / ds.std["S1GRD"][0], atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiff_twin(shard_world, tmp_path_factory):
+    """The GeoTIFF layout of the shard world's samples (same seed, size and count)."""
+    from conftest import SHARD_WORLD_SIZE, SHARD_WORLD_TILE
+    root = tmp_path_factory.mktemp("twin") / "world"
+    synthetic.synthesize(root, n=SHARD_WORLD_SIZE, size=SHARD_WORLD_TILE, seed=0, workers=1)
+    return root
+
+
+def test_terramesh_labels_read_the_published_layout_as_the_geotiff_layout(shard_world, tiff_twin):
+    """Each sample of the shard world (S1GRD only in its ssl4eos12 shards) equals the GeoTIFF world's sample
+    with the same id: bands in file units and the water label; only samples with every input are read."""
+    for split in ("train", "test"):
+        shards = tml.TerraMeshLabels(shard_world, split, "label_water", ["S2L1C", "S1GRD"], stats=({}, {}))
+        tiffs = tml.TerraMeshLabels(tiff_twin, split, "label_water", ["S2L1C", "S1GRD"], stats=({}, {}))
+        keys = [shards.data.ids[i] for i in shards.items]
+        assert 0 < len(keys) < len(tiffs) and set(keys) <= set(tiffs.data.ids)
+        assert all("S1GRD" in shards.data.available(i) for i in shards.items)
+        for k in range(0, len(keys), 5):
+            image, y = shards[k]
+            ref_image, ref_y = tiffs[tiffs.data.ids.index(keys[k])]
+            assert np.array_equal(y, ref_y) and np.array_equal(image["S2L1C"], ref_image["S2L1C"])
+            assert np.allclose(image["S1GRD"], ref_image["S1GRD"], atol=0.02)   # float16 in the shards
+        assert shards.classes == tiffs.classes == (0, 1)
+    assert "member" in shards.sample_files(0) and keys[0] in shards.sample_files(0)
+
+
+def test_published_root_without_test_split_is_tested_on_val(shard_world, tmp_path):
+    root = tmp_path / "no_test"
+    for split in ("train", "val"):
+        shutil.copytree(shard_world / split, root / split)
+    assert tml.split_folders(root) == {"train": "train", "val": "val", "test": "val"}
+    assert tml.split_folders(shard_world)["test"] == "test"
+
+
+def test_folders_and_lulc_classes_of_the_published_layout(shard_world, tiff_twin, tmp_path):
+    """`folders` on the shard world writes the GeoTIFF world's class folders (same samples, classes and S2L1C
+    values); the few-shot reader of a TerraMesh root holds the same (sample, class) pairs in both layouts."""
+    ours = tml.write_class_folders(shard_world, tmp_path / "from_shards", "S2L1C", 0.5)
+    ref = tml.write_class_folders(tiff_twin, tmp_path / "from_tiffs", "S2L1C", 0.5)
+    assert ours == ref and sum(ours.values()) > 0
+    for f in sorted((tmp_path / "from_tiffs").glob("*/*/*.tif"))[:8]:
+        mine = tmp_path / "from_shards" / f.relative_to(tmp_path / "from_tiffs")
+        assert np.array_equal(tifffile.imread(mine), tifffile.imread(f))
+    for split in ("train", "test"):
+        a = tml.LULCClasses(shard_world, split, "S2L1C", stats=({}, {}))
+        b = tml.LULCClasses(tiff_twin, split, "S2L1C", stats=({}, {}))
+        pairs = {(a.data.ids[i], a.classes[k]) for i, k in a.items}
+        assert pairs == {(b.data.ids[i], b.classes[k]) for i, k in b.items}
+        assert a[0][0]["optical"].shape == (13, 1, 72, 72)
+
+
+def test_seg_and_fewshot_commands_on_the_published_layout(shard_world, tmp_path):
+    py = [sys.executable, str(ROOT / "eval_pangaea.py")]
+    seg = subprocess.run(py + ["seg", "--dataset", "terramesh", "--root", str(shard_world), "--classes",
+                               "land,water", "--modalities", "S2L2A", "--size", "smoke", "--crop", "32",
+                               "--channels", "8", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                               "--device", "cpu", "--out", str(tmp_path / "seg")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert seg.returncode == 0, seg.stderr[-2000:]
+    r = json.loads((tmp_path / "seg" / "results.json").read_text())
+    assert r["dataset"] == "synth/label_water" and len(r["iou"]) == 2 and "no test/" not in seg.stdout
+    few = subprocess.run(py + ["fewshot", "--root", str(shard_world), "--ways", "2", "--shots", "1", "--runs", "5",
+                               "--size", "smoke", "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert few.returncode == 0, few.stderr[-2000:]
+    assert "| TerraMind-smoke random init |" in few.stdout
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Crops, the head, temporal mappings, the schedule
 
 def test_random_and_focus_crops(tmp_path):
     root = _terramesh_fixture(tmp_path / "world", n=8, size=48)
-    ds = pds.TerraMeshLabels(root, "train", "label_water", ["S1GRD"])
+    ds = tml.TerraMeshLabels(root, "train", "label_water", ["S1GRD"])
     m = ep.BandMatcher(ds, ["S1GRD"])
     full_x, full_y = ep.SegmentationData(ds, m, 16, train=False)[0]
     assert full_x["S1GRD"].shape == (2, 1, 48, 48)
@@ -423,8 +496,8 @@ def test_fewshot_on_image_folders(tmp_path):
             for j in range(n):
                 x = np.full((32, 32, 12), 500 + 400 * k, np.int16) + rng.integers(0, 5, (32, 32, 12)).astype(np.int16)
                 _tif(tmp_path / split / name / f"{j}.tif", x)
-    support = pds.ImageFolder(tmp_path / "train", "S2L2A")
-    query = pds.ImageFolder(tmp_path / "test", "S2L2A", None, support.classes, (support.mean, support.std))
+    support = tml.ImageFolder(tmp_path / "train", "S2L2A")
+    query = tml.ImageFolder(tmp_path / "test", "S2L2A", None, support.classes, (support.mean, support.std))
     m = ep.BandMatcher(support, ["S2L2A"])
     enc = StandIn()
     xs, ys = ep.embed(enc, ep.SegmentationData(support, m, None, False), 8)
@@ -451,7 +524,7 @@ def test_lr_schedule_steps_at_60_and_90_percent():
 def test_training_learns_a_learnable_task(tmp_path):
     torch.manual_seed(0)
     root = _terramesh_fixture(tmp_path / "world", n=32)
-    readers = {s: pds.TerraMeshLabels(root, s, "label_water", ["S1GRD"], ("land", "water")) for s in ("train", "val")}
+    readers = {s: tml.TerraMeshLabels(root, s, "label_water", ["S1GRD"], ("land", "water")) for s in ("train", "val")}
     m = ep.BandMatcher(readers["train"], ["S1GRD"])
     model = ep.PangaeaModel(StandIn(), 2, [0, 1, 2, 3], channels=16)
     data = {s: ep.SegmentationData(r, m, 32, s == "train", replicate=4 if s == "train" else 1) for s, r in readers.items()}
@@ -459,6 +532,40 @@ def test_training_learns_a_learnable_task(tmp_path):
     best = ep.train_segmentation(model, data["train"], data["val"], epochs=4, batch_size=8, window=32, workers=0,
                                  lr=1e-3, eval_every=2)
     assert best["miou"] > 85 and best["miou"] > before + 20
+
+
+def test_a_diverged_step_names_the_step_and_the_batch_files(tmp_path):
+    torch.manual_seed(0)
+    root = _terramesh_fixture(tmp_path / "world", n=16)
+    reader = tml.TerraMeshLabels(root, "train", "label_water", ["S1GRD"], ("land", "water"))
+    data = ep.SegmentationData(reader, ep.BandMatcher(reader, ["S1GRD"]), 32, True, replicate=2)
+    model = ep.PangaeaModel(StandIn(), 2, [0, 1, 2, 3], channels=16)
+    with pytest.raises(ep.TrainingDiverged) as stop:
+        ep.train_segmentation(model, data, data, epochs=3, batch_size=4, window=32, workers=0, seed=7, lr=1e30)
+    said = str(stop.value)
+    found = re.match(r"epoch (\d+), step (\d+): loss nan: training stopped, nothing written; the batch's samples "
+                     r"of world/label_water: (.*); check them", said)
+    assert found, said
+    epoch, step = int(found[1]), int(found[2])
+    # the batch of that step in the order a shuffled DataLoader with the same seed draws
+    order = torch.utils.data.DataLoader(range(len(data)), 4, shuffle=True, drop_last=True,
+                                        generator=torch.Generator().manual_seed(7))
+    batches = [b.tolist() for _ in range(epoch) for b in order]
+    ids = [reader.data.ids[i % len(reader)] for i in batches[step - 1]]
+    named = [files.split(" + ") for files in found[3].split("; ")]
+    assert [[Path(f).stem for f in files] for files in named] == [[i, i] for i in ids]
+    assert all(Path(f).exists() for files in named for f in files)
+
+
+def test_folders_checks_out_before_reading(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", "folders", "--root", str(tmp_path / "missing"),
+                                      "--out", str(blocker / "classes")])
+    with pytest.raises(SystemExit):
+        ep.run_main(ep.main)
+    said = capsys.readouterr().err
+    assert f"--out {blocker / 'classes'}: cannot write there" in said and "Traceback" not in said, said
 
 
 def test_terramind_smoke_features_and_layers():

@@ -2,7 +2,9 @@
 each modality on the ones before (eq. 5, checked against TerraMind.logits by hand), caching equals recomputing
 under argmax, resuming equals an uninterrupted run, Sen1Floods11 (format and the real chip) end to end."""
 import json
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -199,3 +201,48 @@ def test_predict_real_chip(pretrained, tmp_path):
     with pytest.raises(ValueError, match="missing --input"):
         main(["predict", "--ckpt", str(tmp_path / "chip" / "model.safetensors"), "--input",
               f"S1GRD={tmp_path / 's1.tif'}", "--out", str(out)])
+
+
+def test_predict_never_overwrites_a_mask_or_overlay(tmp_path):
+    torch.manual_seed(0)
+    model = TiMSegmenter.from_pretrained(TerraMind(TerraMindConfig.preset("smoke")), modalities=("S1GRD",), tim=(),
+                                         channels=8, tile=32)
+    model.save_checkpoint(tmp_path / "model.safetensors")
+    image = tmp_path / "s1.tif"
+    terramesh.write_geotiff(image, np.random.default_rng(0).normal(-12, 3, (2, 40, 40)).astype(np.float32))
+    out = tmp_path / "pred" / "mask.png"      # a .png mask: the overlay goes to mask_overlay.png
+
+    def predict(*extra):
+        main(["predict", "--ckpt", str(tmp_path / "model.safetensors"), "--input", f"S1GRD={image}",
+              "--out", str(out), "--device", "cpu", *extra])
+    predict()
+    overlay = out.with_name("mask_overlay.png")
+    assert terramesh.read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
+    out.write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"mask\.png: the file exists; pass --overwrite"):
+        predict()
+    assert out.read_bytes() == b"mine"
+    out.unlink()
+    overlay.write_bytes(b"mine")
+    with pytest.raises(ValueError, match=r"--out \(its PNG overlay\) .*mask_overlay\.png: the file exists"):
+        predict()
+    assert overlay.read_bytes() == b"mine" and not out.exists()     # refused before the mask was written
+    predict("--overwrite")
+    assert terramesh.read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_on_the_published_layout(random_terramind, shard_world, tmp_path):
+    """A shard root with its label folder, as the GeoTIFF layout; without a test/ split, val/ stands in and
+    the run says so."""
+    w, r = train(tmp_path, random_terramind[1], shard_world, "shards", "--modalities", "S2L1C", "--tim", "LULC",
+                 "--temperature", "0", "--cache", "--epochs", "1", "--crop", "64")
+    assert r["dataset"] == "synth/label_water" and r["classes"] == ["land", "water"]
+    assert np.isfinite(r["test"]["loss"]) and r["test"]["miou"] == pytest.approx(sum(r["test"]["iou"]) / 2)
+    partial = tmp_path / "no_test"
+    for split in ("train", "val"):
+        shutil.copytree(shard_world / split, partial / split)
+    from tim_data import readers
+    args = SimpleNamespace(dataset="terramesh", data=partial, classes="land,water", labels="label_water",
+                           modalities=("S2L1C",))
+    rs = readers(args)
+    assert list(rs["test"].data.ids) == list(rs["val"].data.ids) and rs["test"].classes == ("land", "water")
