@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import pretrain
+import pretrain_log
 from masking import Masking
 from terramesh import MODALITIES
 from terramind import TerraMind, TerraMindConfig, entry_kind
@@ -136,6 +137,6 @@ def test_nccl_two_processes_equal_one_process_with_accumulation(token_shards, te
         p = subprocess.run([*head, *map(str, flags), "--out", str(tmp_path / name)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    one, two = ({r["step"]: r["loss"] for r in pretrain.read_log(tmp_path / n / "log.jsonl") if "loss" in r}
+    one, two = ({r["step"]: r["loss"] for r in pretrain_log.read_log(tmp_path / n / "log.jsonl") if "loss" in r}
                 for n in runs)
     assert sorted(two) == [1, 2, 3] and all(abs(two[s] - one[s]) <= 1e-5 * abs(one[s]) for s in two), (one, two)

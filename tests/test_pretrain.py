@@ -18,6 +18,10 @@ import pytest
 import torch
 
 import pretrain
+import pretrain_data
+import pretrain_log
+import pretrain_recipe
+import pretrain_state
 from fsq_tokenizer import TokenShards
 from masking import Masking
 from terramesh import MODALITIES
@@ -35,7 +39,7 @@ def command(world, out, steps, *extra):
 
 
 def losses(out) -> dict:
-    return {r["step"]: r["loss"] for r in pretrain.read_log(Path(out) / "log.jsonl") if "loss" in r}
+    return {r["step"]: r["loss"] for r in pretrain_log.read_log(Path(out) / "log.jsonl") if "loss" in r}
 
 
 def run(cmd, env=None):
@@ -84,10 +88,10 @@ def layout_world(request, layout, reference=False):
 def dataset(world, shuffle=True, tile=64, shards=None, entries=None):
     text = WordPieceTokenizer.from_file(world.text)
     shards = shards or TokenShards(world.tokens)
-    entries = entries or pretrain.available_entries(world.data, world.tokens, lambda *a: None)[0]
+    entries = entries or pretrain_data.available_entries(world.data, world.tokens, lambda *a: None)[0]
     targets = [e for e in entries if entry_kind(e) != "pixels"]
     masking = Masking(entries, targets, 64, 64, "mix", tile // 16)
-    return pretrain.PretrainData(world.data, "train" if shuffle else "val", shards, text, masking, tile, 0, shuffle)
+    return pretrain_data.PretrainData(world.data, "train" if shuffle else "val", shards, text, masking, tile, 0, shuffle)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -107,14 +111,14 @@ def test_step_batches_do_not_depend_on_the_process_layout():
     def micro_batches(world, accum, micro, steps=3):
         per_step = {}
         for r in range(world):
-            for k, b in enumerate(pretrain.StepBatches(0, steps, r, world, micro, accum)):
+            for k, b in enumerate(pretrain_data.StepBatches(0, steps, r, world, micro, accum)):
                 per_step.setdefault(k // accum, []).append(tuple(b))
         return {s: sorted(v) for s, v in per_step.items()}
     one = micro_batches(1, 4, 2)
     assert micro_batches(2, 2, 2) == one == micro_batches(4, 1, 2)
     for s, batches in one.items():   # step s reads exactly positions [8 s, 8 s + 8), each once
         assert sorted(k for b in batches for k in b) == list(range(8 * s, 8 * s + 8))
-    assert list(pretrain.StepBatches(2, 3, 0, 1, 2, 4))[0] == [16, 17]         # resuming at step 2
+    assert list(pretrain_data.StepBatches(2, 3, 0, 1, 2, 4))[0] == [16, 17]         # resuming at step 2
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -160,7 +164,7 @@ def test_missing_token_shards_leave_the_entry_out(world, tmp_path):
     for m in ("S2L2A", "DEM"):   # shards of two modalities only
         (tmp_path / m).symlink_to(world.tokens / m)
     said = []
-    entries, shards = pretrain.available_entries(world.data, tmp_path, said.append)
+    entries, shards = pretrain_data.available_entries(world.data, tmp_path, said.append)
     assert "tok_S2L2A" in entries and "tok_DEM" in entries and "tok_S1RTC" not in entries
     assert any("tok_S1RTC" in line and "budget 0" in line for line in said)
     item = dataset(argparse.Namespace(**{**vars(world), "tokens": tmp_path}), shards=shards, entries=entries)[0]
@@ -180,11 +184,11 @@ def test_weight_decay_exemptions_follow_4m():
 
 
 def test_resume_keeps_the_data_stream():
-    saved = {k: None for k in pretrain.RUN_KEYS} | {"size": "smoke", "seed": 0, "steps": 10, "tile": 64}
-    args = argparse.Namespace(**{k: None for k in pretrain.RUN_KEYS}, data=None)
+    saved = {k: None for k in pretrain_recipe.RUN_KEYS} | {"size": "smoke", "seed": 0, "steps": 10, "tile": 64}
+    args = argparse.Namespace(**{k: None for k in pretrain_recipe.RUN_KEYS}, data=None)
     with pytest.raises(ValueError, match="--seed 1 differs from the checkpoint's 0"):
-        pretrain.resolve(argparse.Namespace(**{**vars(args), "seed": 1}), 1, saved)
-    run = pretrain.resolve(argparse.Namespace(**{**vars(args), "steps": 20, "text_tokenizer": "x.json"}), 1, saved)
+        pretrain_recipe.resolve(argparse.Namespace(**{**vars(args), "seed": 1}), 1, saved)
+    run = pretrain_recipe.resolve(argparse.Namespace(**{**vars(args), "steps": 20, "text_tokenizer": "x.json"}), 1, saved)
     assert run.steps == 20 and run.seed == 0 and run.input_budget == 64
 
 
@@ -200,8 +204,8 @@ def test_saved_state_restores_model_moments_rng_and_position(tmp_path):
     opt.step()
     opt.step()
     generator_state = torch.get_rng_state()
-    pretrain.save_state(tmp_path / pretrain.STATE, model, opt, {"step": 2, "position": 16, "run": {}})
-    sd, osd, rng, meta = pretrain.load_state(tmp_path / pretrain.STATE)
+    pretrain_state.save_state(tmp_path / pretrain_state.STATE, model, opt, {"step": 2, "position": 16, "run": {}})
+    sd, osd, rng, meta = pretrain_state.load_state(tmp_path / pretrain_state.STATE)
     torch.manual_seed(1)
     again = TerraMind(config)
     again_opt = torch.optim.AdamW(pretrain.param_groups(again, 0.05), lr=1e-3, betas=(0.9, 0.95), fused=True)
@@ -218,8 +222,8 @@ def test_saved_state_restores_model_moments_rng_and_position(tmp_path):
 
 def test_validation_table_has_table9_layout():
     config = TerraMindConfig.preset("smoke")
-    table = pretrain.val_table({"tok_S2L2A": 1.5}, config, "smoke").splitlines()
-    assert table[0].split() == [pretrain.short(e) for e in config.targets]
+    table = pretrain_log.val_table({"tok_S2L2A": 1.5}, config, "smoke").splitlines()
+    assert table[0].split() == [pretrain_data.short(e) for e in config.targets]
     assert table[1].split()[1] == "1.500" and table[1].split()[2] == "-"
     assert [float(x) for x in table[2].split()[3:]] == pytest.approx(
         [math.log(15360)] * 4 + [math.log(4375), math.log(15360), math.log(30000), math.log(30000)], abs=1e-3)
@@ -276,7 +280,7 @@ def test_pretrained_outputs(pretrained):
     for name in ("loss.png", "val.png"):
         assert (pretrained.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = TerraMind.from_checkpoint(pretrained.checkpoint)
-    state = pretrain.load_state(pretrained.out / pretrain.STATE)
+    state = pretrain_state.load_state(pretrained.out / pretrain_state.STATE)
     assert model.config.grid == 4 and "caption" in model.config.targets
     assert all(torch.equal(v, state[0][k]) for k, v in model.state_dict().items())
     assert state[3]["step"] == steps[-1] and state[3]["position"] == 32 * steps[-1]
@@ -308,7 +312,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(layout, request, tmp_
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert max(losses(tmp_path)) < 6, "the run ended before it could be killed"
-    saved = pretrain.load_state(tmp_path / pretrain.STATE)[3]["step"]
+    saved = pretrain_state.load_state(tmp_path / pretrain_state.STATE)[3]["step"]
     said = run(cmd + ["--resume"], env=env)
     assert f"resumed at step {saved}: " in said                                  # not from step 0
     assert [int(s) for s in re.findall(r"^step (\d+)/6 \|", said, re.M)] == list(range(saved + 1, 7))
@@ -316,20 +320,20 @@ def test_sigkill_and_resume_gives_the_uninterrupted_losses(layout, request, tmp_
 
 
 def test_damaged_checkpoints_are_refused_and_the_previous_one_loads(reference, tmp_path):
-    for name in (pretrain.STATE, "pretrain_state.prev.safetensors", pretrain.MODEL):
+    for name in (pretrain_state.STATE, "pretrain_state.prev.safetensors", pretrain_state.MODEL):
         shutil.copy(reference / name, tmp_path / name)
-    state, prev, model = tmp_path / pretrain.STATE, tmp_path / "pretrain_state.prev.safetensors", tmp_path / pretrain.MODEL
-    assert pretrain.load_state(state)[3]["step"] == 6 and pretrain.load_state(prev)[3]["step"] == 4
+    state, prev, model = tmp_path / pretrain_state.STATE, tmp_path / "pretrain_state.prev.safetensors", tmp_path / pretrain_state.MODEL
+    assert pretrain_state.load_state(state)[3]["step"] == 6 and pretrain_state.load_state(prev)[3]["step"] == 4
     data = state.read_bytes()
     state.write_bytes(data[:len(data) // 2])                                    # truncated
     with pytest.raises(ValueError, match="truncated or corrupted.*resume from it with --resume"):
-        pretrain.load_state(state)
+        pretrain_state.load_state(state)
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0xFF                                             # one flipped byte
     state.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="corrupted"):
-        pretrain.load_state(state)
-    assert pretrain.load_state(prev)[3]["step"] == 4
+        pretrain_state.load_state(state)
+    assert pretrain_state.load_state(prev)[3]["step"] == 4
     model.write_bytes(model.read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         TerraMind.from_checkpoint(model)
@@ -339,25 +343,25 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_loads(reference, t
                                    pytest.param("rotated", marks=pytest.mark.slow), "written",
                                    pytest.param("replaced", marks=pytest.mark.slow)])   # CI: the two with temp files
 def test_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_losses(world, reference, tmp_path, point):
-    """SIGKILL at a named point of save_state at step 4 (pretrain.KILL_AT): before anything, halfway through
+    """SIGKILL at a named point of save_state at step 4 (pretrain_state.KILL_AT): before anything, halfway through
     copying the state to *.prev, after the rotation, after the new state's temporary file is written, after
     the rename. The folder keeps a complete state; the resumed run removes the temporary files, keeps the
     backup on its own inode and logs exactly the losses of an uninterrupted run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = list(map(str, command(world, tmp_path, 6, "--save-every", 2)))
-    killed = subprocess.run(cmd, cwd=ROOT, env={**env, pretrain.KILL_AT: f"{point}@4"}, capture_output=True)
+    killed = subprocess.run(cmd, cwd=ROOT, env={**env, pretrain_state.KILL_AT: f"{point}@4"}, capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    saved = pretrain.load_state(tmp_path / pretrain.STATE)[3]["step"]
+    saved = pretrain_state.load_state(tmp_path / pretrain_state.STATE)[3]["step"]
     assert saved == (4 if point == "replaced" else 2)
-    left = pretrain.temp_files(tmp_path)
+    left = pretrain_state.temp_files(tmp_path)
     assert bool(left) == (point in ("copying", "written")), left
     said = run(cmd + ["--resume"], env=env)
     assert all(f"removed {f}" in said for f in left)
     assert losses(tmp_path) == losses(reference)
-    assert pretrain.temp_files(tmp_path) == []
-    state, prev = tmp_path / pretrain.STATE, tmp_path / "pretrain_state.prev.safetensors"
+    assert pretrain_state.temp_files(tmp_path) == []
+    state, prev = tmp_path / pretrain_state.STATE, tmp_path / "pretrain_state.prev.safetensors"
     assert state.stat().st_ino != prev.stat().st_ino and prev.stat().st_nlink == 1
-    assert pretrain.load_state(prev)[3]["step"] == 4
+    assert pretrain_state.load_state(prev)[3]["step"] == 4
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -365,47 +369,47 @@ def test_kill_at_any_point_of_a_save_resumes_to_the_uninterrupted_losses(world, 
 
 
 def fresh_args(**given):
-    return argparse.Namespace(**({k: None for k in pretrain.RUN_KEYS} | given), data=None)
+    return argparse.Namespace(**({k: None for k in pretrain_recipe.RUN_KEYS} | given), data=None)
 
 
 def test_base_defaults_are_the_papers_recipe_on_any_number_of_processes():
     """paper §8.2: base rate 2e-4, 500B tokens; 4M: peak = blr x global batch / 256; one global batch (4096, our
     pick of the paper's 2K/4K/8K) on 1, 8 or 32 processes; warmup 10B tokens (4M)."""
     for world in (1, 8, 32):
-        run = pretrain.resolve(fresh_args(size="base", tile=224), world, None)
+        run = pretrain_recipe.resolve(fresh_args(size="base", tile=224), world, None)
         assert run.blr == 2e-4 and run.lr == pytest.approx(2e-4 * 4096 / 256)
         assert run.total_batch_size == 4096 and run.total_batch_size % (run.batch_size * world) == 0
         assert run.batch_size <= 64 and (run.input_budget, run.target_budget) == (256, 256)
         assert run.steps == math.ceil(500e9 / (4096 * 512))
-        text = pretrain.recipe(run, world, math.ceil(run.warmup * run.steps))
+        text = pretrain_recipe.recipe(run, world, math.ceil(run.warmup * run.steps))
         assert "base lr 2.0e-04 x 4096 / 256 = peak lr 3.2e-03" in text and "global batch 4096" in text
         assert "warmup 4769 steps (2%, 10B tokens)" in text and "(500B tokens)" in text, text
-    large = pretrain.resolve(fresh_args(size="large", tile=224), 32, None)
+    large = pretrain_recipe.resolve(fresh_args(size="large", tile=224), 32, None)
     assert (large.batch_size, large.total_batch_size, large.lr) == (32, 4096, pytest.approx(3.2e-3))
 
 
 def test_lr_flags_blr_scales_lr_does_not():
-    run = pretrain.resolve(fresh_args(size="base", tile=224, blr=1e-4, total_batch_size=8192), 1, None)
+    run = pretrain_recipe.resolve(fresh_args(size="base", tile=224, blr=1e-4, total_batch_size=8192), 1, None)
     assert run.lr == pytest.approx(1e-4 * 8192 / 256) and run.batch_size == 64
-    run = pretrain.resolve(fresh_args(size="base", tile=224, lr=5e-4, total_batch_size=8192), 1, None)
+    run = pretrain_recipe.resolve(fresh_args(size="base", tile=224, lr=5e-4, total_batch_size=8192), 1, None)
     assert run.lr == 5e-4 and run.blr is None
-    assert "peak lr 5.0e-04 (--lr, not scaled)" in pretrain.recipe(run, 1, 1)
+    assert "peak lr 5.0e-04 (--lr, not scaled)" in pretrain_recipe.recipe(run, 1, 1)
     with pytest.raises(ValueError, match="--lr and --blr both given"):
-        pretrain.resolve(fresh_args(size="base", tile=224, lr=5e-4, blr=1e-4), 1, None)
+        pretrain_recipe.resolve(fresh_args(size="base", tile=224, lr=5e-4, blr=1e-4), 1, None)
     with pytest.raises(ValueError, match="not a multiple of --batch-size 48 x 2 processes"):
-        pretrain.resolve(fresh_args(size="base", tile=224, batch_size=48), 2, None)
+        pretrain_recipe.resolve(fresh_args(size="base", tile=224, batch_size=48), 2, None)
     with pytest.raises(ValueError, match="--total-batch-size 32 is not a multiple of --batch-size 10 x 3"):
-        pretrain.resolve(fresh_args(size="smoke", tile=64), 3, None)     # 32 samples cannot split over 3
-    assert pretrain.resolve(fresh_args(size="smoke", tile=64), 4, None).batch_size == 8
+        pretrain_recipe.resolve(fresh_args(size="smoke", tile=64), 3, None)     # 32 samples cannot split over 3
+    assert pretrain_recipe.resolve(fresh_args(size="smoke", tile=64), 4, None).batch_size == 8
 
 
 def test_pixel_inputs_and_alphas_flags():
-    assert pretrain.pixel_entries("S2L2A") == ["S2L2A"] and pretrain.pixel_entries("none") == []
-    assert pretrain.pixel_entries("all") == [e for e in ENTRY_INDEX if entry_kind(e) == "pixels"]
+    assert pretrain_recipe.pixel_entries("S2L2A") == ["S2L2A"] and pretrain_recipe.pixel_entries("none") == []
+    assert pretrain_recipe.pixel_entries("all") == [e for e in ENTRY_INDEX if entry_kind(e) == "pixels"]
     with pytest.raises(ValueError, match="--pixel-inputs S2L2A,tok_DEM: tok_DEM not a pixel entry"):
-        pretrain.pixel_entries("S2L2A,tok_DEM")
+        pretrain_recipe.pixel_entries("S2L2A,tok_DEM")
     with pytest.raises(ValueError, match="unknown entry 'S2'"):
-        pretrain.resolve(fresh_args(size="smoke", tile=64, alphas="S2=1/*=1"), 1, None)
+        pretrain_recipe.resolve(fresh_args(size="smoke", tile=64, alphas="S2=1/*=1"), 1, None)
 
 
 def test_default_global_batch_gives_the_same_losses_on_one_and_two_processes(world, tmp_path):
@@ -432,7 +436,7 @@ def test_b_single_disjoint_scales_and_custom_alphas_run(world, tmp_path):
     scales report no token target under visible pixels; a command-line mixture is accepted."""
     said = run(command(world, tmp_path, 1, "--pixel-inputs", "S2L2A", "--scales", "disjoint", "--alphas",
                        "S2L2A=1000/*=0.5@1;all2allmix@3"), env={**os.environ, "OMP_NUM_THREADS": "1"})
-    config = TerraMind.from_checkpoint(tmp_path / pretrain.MODEL).config
+    config = TerraMind.from_checkpoint(tmp_path / pretrain_state.MODEL).config
     assert [e for e in config.inputs if entry_kind(e) == "pixels"] == ["S2L2A"]
     assert {e for e in config.inputs if entry_kind(e) != "pixels"} == set(config.targets)
     assert "S1GRD, S1RTC, DEM: not a pixel input (--pixel-inputs S2L2A)" in said

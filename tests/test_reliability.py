@@ -17,6 +17,8 @@ import eval_pangaea
 import fsq_tokenizer
 import generate
 import pretrain
+import pretrain_log
+import pretrain_state
 import synthetic
 import terramesh
 import text_tokenizer
@@ -187,9 +189,65 @@ def test_pretraining_that_diverges_stops_at_the_step_and_keeps_the_last_good_sta
     step, ids, last = int(found[1]), found[2].split(", "), int(found[4])
     train_ids = (synth_world / "splits" / "train.txt").read_text().split()
     assert len(ids) == 4 and set(ids) <= set(train_ids)
-    state = pretrain.load_state(tmp_path / pretrain.STATE)       # finite weights (NaN ones would be refused)
+    state = pretrain_state.load_state(tmp_path / pretrain_state.STATE)       # finite weights (NaN ones would be refused)
     assert state[3]["step"] == last == step - 1 and "wrote" not in p.stdout
-    assert max(r["step"] for r in pretrain.read_log(tmp_path / "log.jsonl") if "loss" in r) == step - 1
+    assert max(r["step"] for r in pretrain_log.read_log(tmp_path / "log.jsonl") if "loss" in r) == step - 1
+
+
+def diverging_run(world, tokens, text, out, deferred: str):
+    """8 steps at lr 1e30 after one step of warmup at lr 0, a checkpoint every 2 steps, a log line every 4,
+    validation only at the end; the finiteness check per step ("0") or deferred as on CUDA ("1")."""
+    cmd = [sys.executable, "pretrain.py", "--data", world, "--tokens", tokens, "--text-tokenizer", text,
+           "--out", out, "--steps", 8, "--size", "smoke", "--batch-size", 4, "--total-batch-size", 4,
+           "--workers", 0, "--eval-samples", 4, "--eval-every", 100, "--save-every", 2, "--log-every", 4,
+           "--lr", 1e30, "--warmup", 0.25, "--clip-grad", 0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", pretrain_log.DEFERRED: deferred}
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_the_deferred_finiteness_check_names_the_same_step_samples_and_checkpoint(
+        synth_world, token_shards, text_tokenizer, tmp_path):
+    """On CUDA the check waits for the next log, validation or save step (no host sync per step); forced here
+    on CPU, it stops with the per-step check's message (the first non-finite step, its samples, the last good
+    checkpoint), and leaves the same log rows and state."""
+    said, rows, states = {}, {}, {}
+    for mode in ("0", "1"):
+        out = tmp_path / mode
+        p = diverging_run(synth_world, token_shards, text_tokenizer, out, mode)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        said[mode] = p.stderr.replace(str(out), "OUT")
+        rows[mode] = pretrain_log.read_log(out / "log.jsonl")
+        states[mode] = pretrain_state.load_state(out / pretrain_state.STATE)[3]["step"]
+    assert said["0"] == said["1"], said
+    assert rows["0"] == rows["1"] and states["0"] == states["1"]
+    step = int(re.match(r"error: step (\d+):", said["1"])[1])
+    assert step % 2 and step % 4, f"step {step} is a check step of the deferred mode: nothing was deferred"
+    assert max(r["step"] for r in rows["1"] if "loss" in r) == step - 1 and states["1"] == step - 1
+
+
+def test_step_log_defers_the_check_and_names_the_first_non_finite_step(tmp_path):
+    """StepLog alone: steps 3 and 4 non-finite. Deferred, nothing is raised until flush(), which names step 3 and
+    writes the rows of steps 1 and 2 only; per step, step 3 raises as it is added."""
+    targets = ["tok_DEM", "caption"]
+    stats = [torch.tensor([2.0, 1.0, 3.0, 4.0, 0.0], dtype=torch.float64) for _ in range(5)]
+    stats[2][0], stats[3][0] = float("nan"), float("inf")
+    norm = torch.tensor(0.5)
+
+    def named(step, loss, norm):
+        return cli.TrainingDiverged(f"step {step}: loss {loss}")
+
+    for deferred in (True, False):
+        path = tmp_path / f"log{deferred}.jsonl"
+        log = pretrain_log.StepLog(path, targets, deferred, scale=2, diverged=named, write=True)
+        with pytest.raises(cli.TrainingDiverged, match="^step 3: loss nan$"):
+            for step in range(1, 6):
+                log.add(step, 1e-3, stats[step - 1], norm)
+                assert deferred or step < 3
+            log.flush()
+        assert not deferred or step == 5
+        rows = pretrain_log.read_log(path)
+        assert [r["step"] for r in rows] == [1, 2]
+        assert rows[0] == {"step": 1, "loss": 1.0, "losses": {"tok_DEM": 0.25}, "lr": 1e-3, "grad_norm": 0.5}
 
 
 def test_tokenizer_training_that_diverges_stops_and_names_the_batch(synth_world, tmp_path):
@@ -250,7 +308,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("given, load, says", [
     ("tokenizer_DEM", lambda p: TerraMind.from_checkpoint(p),
      "is an image tokenizer (fsq_tokenizer.py train's tokenizer_<MOD>.safetensors); expected a TerraMind model"),
-    ("terramind", lambda p: pretrain.load_state(p), "is a TerraMind model (pretrain.py's terramind.safetensors "
+    ("terramind", lambda p: pretrain_state.load_state(p), "is a TerraMind model (pretrain.py's terramind.safetensors "
                                                     "or terramind.py convert's output); expected a pretrain state"),
     ("terramind", lambda p: ImageTokenizer.from_checkpoint(p), "is a TerraMind model .*; expected an image tokenizer"),
     ("terramind", lambda p: tim_finetune.TiMSegmenter.from_checkpoint(p), "is a TerraMind model .*; expected a TiM "
