@@ -246,3 +246,20 @@ def test_train_on_the_published_layout(random_terramind, shard_world, tmp_path):
                            modalities=("S2L1C",))
     rs = readers(args)
     assert list(rs["test"].data.ids) == list(rs["val"].data.ids) and rs["test"].classes == ("land", "water")
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--model", "missing.safetensors", "--data", "missing", "--out"],
+    ["predict", "--ckpt", "missing.safetensors", "--input", "S1GRD=missing.tif", "--out"]])
+def test_out_is_checked_before_any_work(tmp_path, argv):
+    """An --out that cannot be written is named before the model or any data is read (train) and before any
+    window is predicted (predict: only the checkpoint is read first, to know the inputs)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    if argv[0] == "predict":
+        model = TiMSegmenter.from_pretrained(TerraMind(TerraMindConfig.preset("smoke")), modalities=("S1GRD",),
+                                             tim=(), channels=8, tile=32)
+        model.save_checkpoint(tmp_path / "model.safetensors")
+        argv = [a.replace("missing.safetensors", str(tmp_path / "model.safetensors")) for a in argv]
+    with pytest.raises(ValueError, match="cannot write there"):
+        main([*argv, str(blocker / "out" / "mask.tif"), "--device", "cpu"])
