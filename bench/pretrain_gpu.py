@@ -90,7 +90,7 @@ def measure(model, net, opt, batches, args, device, dtype):
             torch.cuda.synchronize()
         t = time.perf_counter()
         stats = step(model, net, opt, batches, device, dtype)
-        loss = stats[0].item()                                   # waits for the step (pretrain.py logs it too)
+        loss = stats[0].item()   # waits for the step: the timer needs it (pretrain.py syncs at log steps only)
         times.append(time.perf_counter() - t)
     return statistics.median(times[args.warmup:]), loss
 
