@@ -3,6 +3,10 @@
 # data -> image tokenizers -> text tokenizer -> token shards -> pretraining -> any-to-any and chained
 # generation -> TiM fine-tuning -> PANGAEA-protocol segmentation and few-shot -> summary table.
 # Everything goes under one folder (OUT, default runs/cpu); the summary is $OUT/summary.md.
+# The world is written and read in the published TerraMesh layout ($DATA/{train,val,test}/<FOLDER>/*.tar of
+# zarr.zip samples, plus our caption/ and label_water/ extras), so every stage reads what a TerraMesh user
+# reads. Tiles are 64 px (4 x 4 tokens), not TerraMesh's 264: the smoke scale keeps the whole run near
+# 16 minutes on 2 cores (tests/fixtures and tests/test_terramesh_shards.py cover 264 px).
 # The sizes below are environment variables so that tests/test_pipeline.py runs the same chain smaller.
 #   bash run_cpu.sh                      # about 16 minutes on 2 cores
 #   OUT=runs/mine N=4000 PRETRAIN_STEPS=2000 bash run_cpu.sh
@@ -17,7 +21,7 @@ EVAL_N=${EVAL_N:-100}                     # held-out samples for tokenizer and g
 FEWSHOT_RUNS=${FEWSHOT_RUNS:-200}         # few-shot runs averaged (paper: 200)
 WAYS=${WAYS:-5}                           # few-shot classes per run (dominant LULC classes)
 PY=${PYTHON:-python}
-DATA=$OUT/synth; TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
+DATA=$OUT/synth; TILES=$OUT/tile; TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
 REAL=assets                               # the real samples vendored in the repository (assets/README.md)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
@@ -25,22 +29,23 @@ SECONDS=0; : > "$OUT/times.tsv"
 stage() { echo; echo "== $1 ($SECONDS s)"; }
 took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 
-stage "1/8 data: the synthetic TerraMesh world, $N tiles of 64 px"
-$PY terramesh.py synth --out "$DATA" --n "$N" --size 64 --overwrite
+stage "1/8 data: the synthetic TerraMesh world, $N tiles of 64 px, in the published layout"
+$PY terramesh.py synth --layout shards --out "$DATA" --n "$N" --size 64 --overwrite
 $PY terramesh.py show --root "$DATA" --id 00005 --out "$OUT/sample.png"
 took data
 
 stage "2/8 image tokenizers: FSQ encoders with diffusion decoders (LULC: ViT decoder)"
 $PY fsq_tokenizer.py train --modality S2L2A S1GRD S1RTC DEM LULC NDVI --data "$DATA" --size smoke \
-    --steps "$TOKENIZER_STEPS" --out "$TOK"
+    --steps "$TOKENIZER_STEPS" --out "$TOK" --overwrite
 for m in S2L2A S1GRD DEM NDVI LULC; do
     $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
-        --clip 1 --pictures 1 --out "$OUT/tokenizers_eval"
+        --clip 1 --pictures 1 --out "$OUT/tokenizers_eval" --overwrite
 done
 took tokenizers
 
 stage "3/8 text tokenizer: WordPiece on the captions (official ids for special and coordinate tokens)"
-$PY text_tokenizer.py train --corpus "$DATA/caption" --vocab-size 30000 --out "$OUT/wordpiece.json"
+$PY terramesh.py captions --root "$DATA" --out "$OUT/captions.txt" --overwrite
+$PY text_tokenizer.py train --corpus "$OUT/captions.txt" --vocab-size 30000 --out "$OUT/wordpiece.json" --overwrite
 took text
 
 stage "4/8 token shards: every tile through its tokenizer"
@@ -54,31 +59,37 @@ $PY pretrain.py --size smoke --data "$DATA" --tokens "$OUT/tokens" --text-tokeni
 took pretrain
 
 stage "6/8 generation: chained, any-to-any, metrics on held-out tiles"
-TILE=$(sed -n 1p "$DATA/splits/test.txt")
-$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$DATA/S2L2A/$TILE.tif" \
+# the first test sample with S2L2A, S1GRD and DEM, as the GeoTIFFs $TILES/<MOD>.tif
+$PY terramesh.py export --root "$DATA" --split test --modality S2L2A,S1GRD,DEM --out "$TILES" --overwrite
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$TILES/S2L2A.tif" \
     --targets LULC,NDVI,S1GRD,DEM,coords,caption --scheme maskgit --steps 4 --temperature 0 \
-    --out "$OUT/generate/chained"
-$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$DATA/S1GRD/$TILE.tif" \
-    --input DEM="$DATA/DEM/$TILE.tif" --targets S2L2A,LULC --scheme roar --steps 4 --out "$OUT/generate/any2any"
+    --out "$OUT/generate/chained" --overwrite
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$TILES/S1GRD.tif" \
+    --input DEM="$TILES/DEM.tif" --targets S2L2A,LULC --scheme roar --steps 4 --out "$OUT/generate/any2any" \
+    --overwrite
 S1F11=(--sen1floods11 "$REAL/sen1floods11")
 $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
     --temperature 0 --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \
-    "${S1F11[@]}" --out "$OUT/generate/eval"
+    "${S1F11[@]}" --out "$OUT/generate/eval" --overwrite
 took generate
+
+# tim_finetune.py and eval_pangaea.py do not read the published layout yet: the same world as GeoTIFFs
+WORLD=$OUT/synth_tiff
+$PY terramesh.py synth --layout tiff --out "$WORLD" --n "$N" --size 64 --overwrite
 
 stage "7/8 Thinking-in-Modalities: S-1 water mapping, plain vs with generated LULC"
 for tim in none LULC; do
-    $PY tim_finetune.py train --model "$MODEL" --data "$DATA" --classes land,water --modalities S1GRD --tim $tim \
+    $PY tim_finetune.py train --model "$MODEL" --data "$WORLD" --classes land,water --modalities S1GRD --tim $tim \
         --temperature 0 --cache --channels 64 --lr 5e-4 --epochs "$EPOCHS" --log-every 1000 --out "$OUT/tim/S1GRD_$tim"
 done
 $PY tim_finetune.py table "$OUT"/tim/*/results.json
 took tim
 
 stage "8/8 PANGAEA protocol (frozen encoder, UPerNet) on the water task, and few-shot LULC classes"
-$PY eval_pangaea.py seg --dataset terramesh --root "$DATA" --labels label_water --classes land,water \
+$PY eval_pangaea.py seg --dataset terramesh --root "$WORLD" --labels label_water --classes land,water \
     --modalities S2L2A,S1GRD --model "$MODEL" --crop 64 --channels 64 --epochs "$EPOCHS" --workers 0 \
     --out "$OUT/pangaea/water"
-$PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
+$PY eval_pangaea.py folders --root "$WORLD" --out "$OUT/classes"
 $PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways "$WAYS" --shots 1 --runs "$FEWSHOT_RUNS" \
     --model "$MODEL" --out "$OUT/pangaea/fewshot"
 took pangaea

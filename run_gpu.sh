@@ -2,7 +2,7 @@
 # The GPU twin of run_cpu.sh: the same eight stages and the same summary, at the real sizes, with torchrun
 # for the two training stages that scale over GPUs (image tokenizers, pretraining).
 #   bash run_gpu.sh                                     # one node, all its GPUs, synthetic world at 224 px
-#   DATA=/data/terramesh NGPU=8 SIZE=base bash run_gpu.sh   # TerraMesh on disk (TerraMesh layout, splits/)
+#   DATA=/data/terramesh NGPU=8 SIZE=base bash run_gpu.sh   # TerraMesh as published: {train,val}/<MOD>/*.tar
 #   N=600 TILE=64 SIZE=tiny TOKENIZER_SIZE=smoke TOKENIZER_STEPS=30 TOKEN_BUDGET=2e5 BATCH=32 TOTAL_BATCH=64 \
 #       WORKERS=2 EPOCHS=2 EVAL_N=16 bash run_gpu.sh   # minutes: checks the whole chain on a GPU
 # Wall times per stage are written to $OUT/times.tsv and into the summary. At the real sizes none have been
@@ -16,9 +16,9 @@ cd "$(dirname "$0")"
 OUT=${OUT:-runs/gpu}
 NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 SIZE=${SIZE:-base}                            # TerraMind preset: tiny, small, base, large
-DATA=${DATA:-}                                # TerraMesh-layout folder; empty: synthesize one
+DATA=${DATA:-}                                # TerraMesh root in the published layout; empty: synthesize one
 N=${N:-20000}                                 # synthetic tiles when DATA is empty
-TILE=${TILE:-224}                             # synthetic tile side in px
+TILE=${TILE:-224}                             # synthetic tile side in px (16 k; TerraMesh's 264 = 16 k + 8)
 TOKENIZER_SIZE=${TOKENIZER_SIZE:-official}    # fsq_tokenizer.py preset: official (paper §8.1 recipe), tiny, smoke
 TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-}        # per tokenizer; empty: the preset's (official: the paper's 100)
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-}          # optimizer steps instead of epochs (short runs)
@@ -32,7 +32,7 @@ EPOCHS=${EPOCHS:-80}                          # PANGAEA head epochs (official 80
 EVAL_N=${EVAL_N:-500}
 PY=${PYTHON:-python}
 TORCHRUN="torchrun --standalone --nproc_per_node=$NGPU"
-TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
+TILES=$OUT/tile; TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
 REAL=assets                                   # the real samples vendored in the repository (assets/README.md)
 mkdir -p "$OUT"
 SECONDS=0; : > "$OUT/times.tsv"
@@ -40,10 +40,13 @@ stage() { echo; echo "== $1 ($SECONDS s)"; }
 took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 
 stage "1/8 data"
+WORLD=${DATA:-$OUT/data_tiff}   # stages 7-8: tim_finetune.py and eval_pangaea.py do not read shards yet
 if [ -z "$DATA" ]; then
     DATA=$OUT/data
-    $PY terramesh.py synth --out "$DATA" --n "$N" --size "$TILE" --overwrite
+    $PY terramesh.py synth --layout shards --out "$DATA" --n "$N" --size "$TILE" --overwrite
+    $PY terramesh.py synth --out "$WORLD" --n "$N" --size "$TILE" --overwrite   # the same world as GeoTIFFs
 fi
+EVAL_SPLIT=test; [ -d "$DATA/test" ] || EVAL_SPLIT=val   # TerraMesh as published has train/ and val/
 $PY terramesh.py stats --root "$DATA" --limit 500
 took data
 
@@ -52,18 +55,19 @@ LENGTH=(); [ -n "$TOKENIZER_EPOCHS" ] && LENGTH=(--epochs "$TOKENIZER_EPOCHS")
 [ -n "$TOKENIZER_STEPS" ] && LENGTH=(--steps "$TOKENIZER_STEPS")
 for m in S2L2A S1GRD S1RTC DEM LULC NDVI; do
     $TORCHRUN fsq_tokenizer.py train --modality "$m" --data "$DATA" --size "$TOKENIZER_SIZE" "${LENGTH[@]}" \
-        --batch-size "$TOKENIZER_BATCH" --workers "$WORKERS" --out "$TOK"
+        --batch-size "$TOKENIZER_BATCH" --workers "$WORKERS" --out "$TOK" --overwrite
 done
 for m in S2L2A S1GRD DEM NDVI LULC; do
     $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
-        --clip 1 --pictures 2 --device cuda --out "$OUT/tokenizers_eval"
+        --clip 1 --pictures 2 --device cuda --out "$OUT/tokenizers_eval" --overwrite
 done
 took tokenizers
 
 stage "3/8 text tokenizer: $TEXT_TOKENIZER"
 if [ "$TEXT_TOKENIZER" = train ]; then   # ours: a vocabulary fitted to the captions, official ids kept
     TEXT=$OUT/wordpiece.json
-    $PY text_tokenizer.py train --corpus "$DATA/caption" --vocab-size 30000 --out "$TEXT"
+    $PY terramesh.py captions --root "$DATA" --out "$OUT/captions.txt" --overwrite   # our caption/ extra
+    $PY text_tokenizer.py train --corpus "$OUT/captions.txt" --vocab-size 30000 --out "$TEXT" --overwrite
 else                                     # paper §4.1: BERT's WordPiece vocabulary, modified (the v1 file)
     TEXT=assets/official/terramind_v1_wordpiece_30k.json
 fi
@@ -81,22 +85,23 @@ $TORCHRUN pretrain.py --size "$SIZE" --data "$DATA" --tokens "$OUT/tokens" --tex
 took pretrain
 
 stage "6/8 generation"
-TILE=$(sed -n 1p "$DATA/splits/test.txt")
-$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$DATA/S2L2A/$TILE.tif" \
+# the first held-out sample with S2L2A, S1GRD and DEM, as the GeoTIFFs $TILES/<MOD>.tif
+$PY terramesh.py export --root "$DATA" --split "$EVAL_SPLIT" --modality S2L2A,S1GRD,DEM --out "$TILES" --overwrite
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$TILES/S2L2A.tif" \
     --targets LULC,NDVI,S1GRD,DEM,coords,caption --scheme maskgit --steps 8 --temperature 0 --device cuda \
-    --out "$OUT/generate/chained"
-$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$DATA/S1GRD/$TILE.tif" \
-    --input DEM="$DATA/DEM/$TILE.tif" --targets S2L2A,LULC --scheme roar --steps 8 --device cuda \
-    --out "$OUT/generate/any2any"
+    --out "$OUT/generate/chained" --overwrite
+$PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$TILES/S1GRD.tif" \
+    --input DEM="$TILES/DEM.tif" --targets S2L2A,LULC --scheme roar --steps 8 --device cuda \
+    --out "$OUT/generate/any2any" --overwrite
 S1F11=(--sen1floods11 "$REAL/sen1floods11")
-$PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
+$PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split "$EVAL_SPLIT" --n "$EVAL_N" \
     --temperature 0 --batch-size 64 --device cuda \
     --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \
-    "${S1F11[@]}" --out "$OUT/generate/eval"
+    "${S1F11[@]}" --out "$OUT/generate/eval" --overwrite
 took generate
 
 # the water task: the synthetic world's label_water, else Sen1Floods11 (v1.1 layout) from SEN1FLOODS11=...
-if [ -d "$DATA/label_water" ]; then WATER=(--data "$DATA" --classes land,water); SEG=(--dataset terramesh --root "$DATA"
+if [ -d "$WORLD/label_water" ]; then WATER=(--data "$WORLD" --classes land,water); SEG=(--dataset terramesh --root "$WORLD"
     --labels label_water --classes land,water --modalities S2L2A,S1GRD); S1=S1GRD
 elif [ -n "${SEN1FLOODS11:-}" ]; then WATER=(--dataset sen1floods11 --data "$SEN1FLOODS11"); SEG=(--dataset sen1floods11
     --root "$SEN1FLOODS11" --modalities S2L1C,S1GRD); S1=S1GRD
@@ -115,7 +120,7 @@ took tim
 stage "8/8 PANGAEA protocol on the water task, and few-shot"
 [ -n "$S1" ] && $PY eval_pangaea.py seg "${SEG[@]}" --model "$MODEL" --epochs "$EPOCHS" --device cuda \
     --out "$OUT/pangaea/water"
-$PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
+$PY eval_pangaea.py folders --root "$WORLD" --out "$OUT/classes"
 $PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways 5 --shots 1 --model "$MODEL" \
     --device cuda --out "$OUT/pangaea/fewshot"
 took pangaea

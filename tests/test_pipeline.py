@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fsq_tokenizer import read_header as header
-from terramesh import read_tiff
+from terramesh import is_shard_root, read_tiff
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"N": "300", "TOKENIZER_STEPS": "100", "PRETRAIN_STEPS": "200", "EPOCHS": "2", "EVAL_N": "16",
@@ -43,10 +43,11 @@ def test_each_stage_consumed_the_previous_ones_output(run):
     assert model["step"] == int(SCALE["PRETRAIN_STEPS"])
     assert set(model["val"]) == {f"tok_{m}" for m in ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI")} | \
         {"caption", "coords"}
-    tile = (run / "synth" / "splits" / "test.txt").read_text().split()[0]
+    assert is_shard_root(run / "synth")                   # the world in the published layout, with our extras
+    assert {p.name for p in (run / "synth" / "test").iterdir()} >= {"S2L2A", "caption", "label_water"}
     for name in ("LULC", "NDVI", "S1GRD", "DEM"):     # chained outputs (channel-last), georeferenced like the input
         x, tags = read_tiff(run / "generate" / "chained" / f"{name}.tif")
-        assert x.shape[:2] == (64, 64) and tags == read_tiff(run / "synth" / "S2L2A" / f"{tile}.tif")[1]
+        assert x.shape[:2] == (64, 64) and tags == read_tiff(run / "tile" / "S2L2A.tif")[1]
     assert "coords:" in (run / "generate" / "chained" / "sequences.txt").read_text()
     for folder in ("tim/S1GRD_none", "tim/S1GRD_LULC", "pangaea/water"):
         r = json.loads((run / folder / "results.json").read_text())
