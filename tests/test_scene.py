@@ -280,20 +280,22 @@ def windowed_and_whole(model, toks, s2, targets, monkeypatch) -> tuple[dict, dic
     monkeypatch.undo()
     whole = {}
     with torch.no_grad():
-        for name in targets:
-            x = toks[name].decode(grids[name], steps=2, generator=torch.Generator().manual_seed(0))
-            whole[name] = generate.decoded(name, x)
+        for name in targets:   # from the same noise per 16 px patch as the windows (seed 0)
+            ids = grids[name]
+            shape = (ids.shape[0], toks[name].channels, ids.shape[1] * 16, ids.shape[2] * 16)
+            noise = generate.window_noise(0, name, 0, 0, shape)
+            whole[name] = generate.decoded(name, toks[name].decode(ids, steps=2, noise=noise))
     return out, grids, whole
 
 
 @pytest.mark.slow
 def test_windowed_decode_against_the_whole_grid_decode(pretrained, tokenizers, monkeypatch):
     """The README's figures, on a synthetic S2L2A tile through the pretrained smoke stack: its token grid
-    decoded in tile-sized windows (the default since issue 22) and at once (the decoding before), per target
-    in physical units. LULC at 2048 px, also decoded tile by tile 64 px apart as the decoder was trained: the
-    windowed map is nearer to that than the whole-grid map. Diffusion targets at 512 px (a whole 2048 px grid
-    through the diffusion decoder took over 23 GB and was killed); they start from other noise in the two
-    decodings, so their difference holds the decoder's sampling spread as well as the windows' effect."""
+    decoded in tile-sized windows (the default since issue 22) and at once (the decoding before; here from
+    the windows' noise of each 16 px patch, so only the windows differ), per target in physical units.
+    LULC at 2048 px, also decoded tile by tile 64 px apart as the decoder was trained: the windowed map
+    is nearer to that than the whole-grid map. Diffusion targets at 512 px (a whole 2048 px grid through
+    the diffusion decoder took over 23 GB and was killed)."""
     from fsq_tokenizer import load_tokenizers
     from synthetic import synth_sample
     model = TerraMind.from_checkpoint(pretrained.checkpoint).eval()
