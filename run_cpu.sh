@@ -73,23 +73,19 @@ $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split
     "${S1F11[@]}" --out "$OUT/generate/eval" --overwrite
 took generate
 
-# tim_finetune.py and eval_pangaea.py do not read the published layout yet: the same world as GeoTIFFs
-WORLD=$OUT/synth_tiff
-$PY terramesh.py synth --layout tiff --out "$WORLD" --n "$N" --size 64 --overwrite
-
 stage "7/8 Thinking-in-Modalities: S-1 water mapping, plain vs with generated LULC"
 for tim in none LULC; do
-    $PY tim_finetune.py train --model "$MODEL" --data "$WORLD" --classes land,water --modalities S1GRD --tim $tim \
+    $PY tim_finetune.py train --model "$MODEL" --data "$DATA" --classes land,water --modalities S1GRD --tim $tim \
         --temperature 0 --cache --channels 64 --lr 5e-4 --epochs "$EPOCHS" --log-every 1000 --out "$OUT/tim/S1GRD_$tim"
 done
 $PY tim_finetune.py table "$OUT"/tim/*/results.json
 took tim
 
 stage "8/8 PANGAEA protocol (frozen encoder, UPerNet) on the water task, and few-shot LULC classes"
-$PY eval_pangaea.py seg --dataset terramesh --root "$WORLD" --labels label_water --classes land,water \
+$PY eval_pangaea.py seg --dataset terramesh --root "$DATA" --labels label_water --classes land,water \
     --modalities S2L2A,S1GRD --model "$MODEL" --crop 64 --channels 64 --epochs "$EPOCHS" --workers 0 \
     --out "$OUT/pangaea/water"
-$PY eval_pangaea.py folders --root "$WORLD" --out "$OUT/classes"
+$PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
 $PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways "$WAYS" --shots 1 --runs "$FEWSHOT_RUNS" \
     --model "$MODEL" --out "$OUT/pangaea/fewshot"
 took pangaea

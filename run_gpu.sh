@@ -18,7 +18,7 @@ NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 SIZE=${SIZE:-base}                            # TerraMind preset: tiny, small, base, large
 DATA=${DATA:-}                                # TerraMesh root in the published layout; empty: synthesize one
 N=${N:-20000}                                 # synthetic tiles when DATA is empty
-TILE=${TILE:-224}                             # synthetic tile side in px (16 k; TerraMesh's 264 = 16 k + 8)
+TILE=${TILE:-224}                             # synthetic tile side in px (16 k, or 16 k + 8 as TerraMesh's 264)
 TOKENIZER_SIZE=${TOKENIZER_SIZE:-official}    # fsq_tokenizer.py preset: official (paper §8.1 recipe), tiny, smoke
 TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-}        # per tokenizer; empty: the preset's (official: the paper's 100)
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-}          # optimizer steps instead of epochs (short runs)
@@ -40,11 +40,9 @@ stage() { echo; echo "== $1 ($SECONDS s)"; }
 took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 
 stage "1/8 data"
-WORLD=${DATA:-$OUT/data_tiff}   # stages 7-8: tim_finetune.py and eval_pangaea.py do not read shards yet
 if [ -z "$DATA" ]; then
     DATA=$OUT/data
     $PY terramesh.py synth --layout shards --out "$DATA" --n "$N" --size "$TILE" --overwrite
-    $PY terramesh.py synth --out "$WORLD" --n "$N" --size "$TILE" --overwrite   # the same world as GeoTIFFs
 fi
 EVAL_SPLIT=test; [ -d "$DATA/test" ] || EVAL_SPLIT=val   # TerraMesh as published has train/ and val/
 $PY terramesh.py stats --root "$DATA" --limit 500
@@ -101,7 +99,8 @@ $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split
 took generate
 
 # the water task: the synthetic world's label_water, else Sen1Floods11 (v1.1 layout) from SEN1FLOODS11=...
-if [ -d "$WORLD/label_water" ]; then WATER=(--data "$WORLD" --classes land,water); SEG=(--dataset terramesh --root "$WORLD"
+if [ -n "$(ls -d "$DATA"/*/label_water 2>/dev/null)" ]; then   # our extra label folder (synthetic world)
+    WATER=(--data "$DATA" --classes land,water); SEG=(--dataset terramesh --root "$DATA"
     --labels label_water --classes land,water --modalities S2L2A,S1GRD); S1=S1GRD
 elif [ -n "${SEN1FLOODS11:-}" ]; then WATER=(--dataset sen1floods11 --data "$SEN1FLOODS11"); SEG=(--dataset sen1floods11
     --root "$SEN1FLOODS11" --modalities S2L1C,S1GRD); S1=S1GRD
@@ -120,7 +119,7 @@ took tim
 stage "8/8 PANGAEA protocol on the water task, and few-shot"
 [ -n "$S1" ] && $PY eval_pangaea.py seg "${SEG[@]}" --model "$MODEL" --epochs "$EPOCHS" --device cuda \
     --out "$OUT/pangaea/water"
-$PY eval_pangaea.py folders --root "$WORLD" --out "$OUT/classes"
+$PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
 $PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways 5 --shots 1 --model "$MODEL" \
     --device cuda --out "$OUT/pangaea/fewshot"
 took pangaea
