@@ -106,8 +106,8 @@ def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
     per step."""
     if step < warmup:
         return lr * step / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * lr * (1 + math.cos(math.pi * progress))
+    angle = math.pi * (step - warmup) / max(1, steps - warmup)
+    return 0.5 * lr * (1 + math.cos(angle))
 
 
 def train_step(net, model, opt, batches, accum, world, device, dtype,
