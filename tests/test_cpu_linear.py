@@ -137,6 +137,16 @@ def test_micro_benchmark_times_forward_and_backward_of_every_shape_in_both_order
     assert sorted((i, o) for _, i, o in cpu_linear.SHAPES) == shapes
 
 
+
+@needs_onednn
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_micro_benchmark_runs_where_the_first_use_has_no_autograd(monkeypatch, mode):
+    """The first linear of a process may come inside model.encode under no_grad or inference_mode;
+    the verdict still times forward and backward."""
+    monkeypatch.setattr(cpu_linear, "SHAPES", ((64, 16, 32),))
+    with mode():
+        assert 0.01 < cpu_linear._measure() < 100
+
 @needs_onednn
 def test_environment_fixes_the_route(monkeypatch):
     x, w = torch.randn(4, 8), torch.randn(6, 8)
