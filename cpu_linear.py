@@ -27,9 +27,9 @@ forward and backward of the layers in SHAPES (the MLP and qkv layers of a `smoke
 `tiny` step), both routes taking turns in pairs of rounds (one round in each order, so
 load from other processes hits both alike), and keeps the median of 7 pair ratios (about
 1.5 s). oneDNN is used when it is more than `MIN_SPEEDUP` times faster. On this
-project's 2-core AMD EPYC, on a quiet machine, five fresh processes measured 1.04-1.08
-(route off), and whole training steps ran at 0.98-1.02x with the route forced on
-(bench/bench_linear.py --step); on an Intel Xeon with AVX-512 the route made the model
+project's 2-core AMD EPYC, on a quiet machine, eight measurements gave 1.00-1.08
+(route off), and whole training steps ran at 0.98-1.10x with the route forced on (two
+runs of bench/bench_linear.py --step, smoke and tiny); on an Intel Xeon with AVX-512 the route made the model
 step slower (0.96x, issue 20), which this check leaves out.
 
 The two routes round differently, so every process of a run must take the same one: DDP
