@@ -27,8 +27,8 @@ from tqdm import tqdm
 from generate_io import Timer, claim_outputs, load_stack
 from metrics import haversine_km, reconstruction_metrics, water_iou
 from pangaea_datasets import read_sen1floods11
-from terramesh import (LULC_CLASSES, WATER, TerraMeshDataset, is_shard_root, parse_coords,
-                       render, save_sheet, whole_patches, write_text)
+from terramesh import (LULC_CLASSES, WATER, TerraMeshDataset, has_folder, is_shard_root,
+                       parse_coords, render, save_sheet, whole_patches, write_text)
 
 SEN1FLOODS11_PAIRS = "S1GRD:LULC,S2L1C:LULC,S1GRD+S2L1C:LULC,S2L1C:coords"
 UNITS = ("Physical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground "
@@ -95,7 +95,7 @@ def eval_sets(args) -> list:
         root = Path(args.data)
         has_splits = (root / "splits").is_dir() or is_shard_root(root)
         split = args.split if has_splits else None                       # published: train/val
-        labels = args.labels if (root / args.labels).is_dir() else None
+        labels = args.labels if has_folder(root, args.labels) else None
         ds = TerraMeshDataset(root, split=split, size=None, labels=labels)
         n = min(args.n, len(ds))
         samples = [whole_patches(ds[i]) for i in tqdm(range(n), desc="read", leave=False)]
