@@ -12,6 +12,13 @@ import torch
 
 import synthetic
 import terramesh as tm
+from checkpoints import load_safetensors, save_safetensors
+from geotiff import TIFF_LAYOUT, read_tiff, write_geotiff
+from modalities import (CLOUDS, CROPS, LULC_CLASSES, LULC_COLORS, MODALITIES, SNOW,
+                        TOKENIZED_IMAGES, TREES, WATER, destandardize, modality,
+                        parse_coords, standardize)
+from pictures import save_png, save_sheet
+from render import render
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPEC = ASSETS / "official" / "standardization.md"
@@ -42,7 +49,7 @@ def test_normalization_constants_match_spec():
     spec = _spec_constants()
     assert len(spec) == 12
     checked = 0
-    for m in tm.MODALITIES.values():
+    for m in MODALITIES.values():
         for key in (m.pixel_key, m.token_key):
             if key in spec:
                 assert m.mean == spec[key][0], (m.name, key)
@@ -56,7 +63,7 @@ def test_keys_and_channels_match_official_state_dict():
     for line in (ASSETS / "official" / "keys" / "terramind_tiny_keys.txt").read_text().splitlines():
         key, shape = line.split("\t")
         shapes[key] = tuple(int(v) for v in re.findall(r"\d+", shape))
-    for m in tm.MODALITIES.values():
+    for m in MODALITIES.values():
         if m.pixel_key:   # bias-free Linear over (16 x 16 x C) pixel features
             assert shapes[f"encoder_embeddings.{m.pixel_key}.proj.weight"] == (192, m.channels * 256)
         if m.token_key and m.name != "caption":   # the v1 checkpoints carry no caption table
@@ -66,28 +73,28 @@ def test_keys_and_channels_match_official_state_dict():
 
 
 def test_table_facts():
-    assert list(tm.MODALITIES) == ["S2L1C", "S2L2A", "S2RGB", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI",
+    assert list(MODALITIES) == ["S2L1C", "S2L2A", "S2RGB", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI",
                                    "caption", "coords"]
-    assert tm.MODALITIES["S2L1C"].bands[9:11] == ("WATER_VAPOR", "CIRRUS")      # B10 after B9
-    assert "CIRRUS" not in tm.MODALITIES["S2L2A"].bands
-    assert tm.MODALITIES["S2RGB"].bands == ("RED", "GREEN", "BLUE")
-    assert tm.MODALITIES["LULC"].vocab_size == 4375 and tm.MODALITIES["NDVI"].vocab_size == 15360
-    assert tm.MODALITIES["coords"].vocab_size == 30000 and tm.MODALITIES["coords"].max_length == 4
-    assert tm.TOKENIZED_IMAGES == ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI")
-    assert len(tm.LULC_CLASSES) == 10 and tm.LULC_CLASSES[tm.WATER] == "water"
+    assert MODALITIES["S2L1C"].bands[9:11] == ("WATER_VAPOR", "CIRRUS")      # B10 after B9
+    assert "CIRRUS" not in MODALITIES["S2L2A"].bands
+    assert MODALITIES["S2RGB"].bands == ("RED", "GREEN", "BLUE")
+    assert MODALITIES["LULC"].vocab_size == 4375 and MODALITIES["NDVI"].vocab_size == 15360
+    assert MODALITIES["coords"].vocab_size == 30000 and MODALITIES["coords"].max_length == 4
+    assert TOKENIZED_IMAGES == ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI")
+    assert len(LULC_CLASSES) == 10 and LULC_CLASSES[WATER] == "water"
     with pytest.raises(KeyError, match="known"):
-        tm.modality("S3OLCI")
+        modality("S3OLCI")
 
 
 def test_standardize_round_trip():
     x = np.random.default_rng(0).uniform(0, 1e4, (2, 12, 8, 8)).astype(np.float32)
-    z = tm.standardize("S2L2A", x)
+    z = standardize("S2L2A", x)
     assert np.allclose(z[0, 3], (x[0, 3] - 1853.91) / 2134.138, atol=1e-5)
-    assert np.allclose(tm.destandardize("S2L2A", z), x, rtol=1e-5, atol=1e-2)
+    assert np.allclose(destandardize("S2L2A", z), x, rtol=1e-5, atol=1e-2)
     t = torch.from_numpy(x[:, :2])
-    assert torch.allclose(tm.destandardize("S1GRD", tm.standardize("S1GRD", t)), t, atol=1e-3)
+    assert torch.allclose(destandardize("S1GRD", standardize("S1GRD", t)), t, atol=1e-3)
     with pytest.raises(ValueError, match="12 bands"):
-        tm.standardize("S2L2A", x[:, :5])
+        standardize("S2L2A", x[:, :5])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,13 +111,13 @@ def test_real_tiles_load():
                 assert x.shape == (224, 224) and x.dtype == torch.int64
                 assert 0 < x.min() and x.max() <= 9
                 continue
-            assert x.shape == (tm.MODALITIES[m].channels, 224, 224) and x.dtype == torch.float32
+            assert x.shape == (MODALITIES[m].channels, 224, 224) and x.dtype == torch.float32
             assert torch.isfinite(x).all()
             assert x.abs().max() < 8 and x.mean().abs() < 2, m    # standardized: roughly unit scale
     # site 1 is 89% crops (README); its DEM is near sea level (Denmark)
     lulc = ds[1]["LULC"]
-    assert (lulc == tm.CROPS).float().mean() > 0.8
-    assert tm.destandardize("DEM", ds[1]["DEM"]).max() < 50
+    assert (lulc == CROPS).float().mean() > 0.8
+    assert destandardize("DEM", ds[1]["DEM"]).max() < 50
 
 
 def test_real_tile_crop_and_geotags(tmp_path):
@@ -122,9 +129,9 @@ def test_real_tile_crop_and_geotags(tmp_path):
     assert torch.equal(a["LULC"], full["LULC"][top:top + 64, left:left + 64])     # same window everywhere
     ds.set_epoch(1)
     assert not torch.equal(ds[0]["S2L2A"], a["S2L2A"])
-    x, geo = tm.read_tiff(REAL / "DEM" / f"{REAL_IDS[1]}.tif")
-    tm.write_geotiff(tmp_path / "dem.tif", x[None, 10:20, 30:50], geo, offset=(10, 30))
-    y, geo2 = tm.read_tiff(tmp_path / "dem.tif")
+    x, geo = read_tiff(REAL / "DEM" / f"{REAL_IDS[1]}.tif")
+    write_geotiff(tmp_path / "dem.tif", x[None, 10:20, 30:50], geo, offset=(10, 30))
+    y, geo2 = read_tiff(tmp_path / "dem.tif")
     assert np.array_equal(y, x[10:20, 30:50])
     assert geo2[34737] == geo[34737] and geo2[34735] == geo[34735]
     assert geo2[33922][3] == pytest.approx(geo[33922][3] + 30 * geo[33550][0])
@@ -139,7 +146,7 @@ def _tiny_root(tmp_path, modalities=("S2L2A", "S1GRD", "DEM")):
     s = synthetic.synth_sample(0, 1, 32)
     for m in modalities:
         (root / m).mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(root / m / "a.tif", s[m], **tm.TIFF_LAYOUT[s[m].ndim])
+        tifffile.imwrite(root / m / "a.tif", s[m], **TIFF_LAYOUT[s[m].ndim])
     return root, s
 
 
@@ -155,7 +162,7 @@ def test_truncated_and_unreadable_tiff(tmp_path):
 
 def test_wrong_band_count(tmp_path):
     root, s = _tiny_root(tmp_path)
-    tifffile.imwrite(root / "S1GRD" / "a.tif", s["S2L2A"][..., :3], **tm.TIFF_LAYOUT[3])
+    tifffile.imwrite(root / "S1GRD" / "a.tif", s["S2L2A"][..., :3], **TIFF_LAYOUT[3])
     with pytest.raises(ValueError, match=r"S1GRD/a\.tif: expected 2 band\(s\), got .*\(32, 32, 3\)"):
         tm.TerraMeshDataset(root, size=None)[0]
 
@@ -183,7 +190,7 @@ def test_bad_coords_unknown_folder_and_small_tile(tmp_path):
             tm.TerraMeshDataset(root, size=None)[0]
     (root / "coords" / "a.txt").write_text("lat=35.75 lon=-89.00\n")
     assert tm.TerraMeshDataset(root, size=None)[0]["coords"] == "lat=35.75 lon=-89.00"
-    assert tm.parse_coords("lat=35.75 lon=-89.00") == (-89.0, 35.75)
+    assert parse_coords("lat=35.75 lon=-89.00") == (-89.0, 35.75)
     with pytest.raises(ValueError, match="larger|smaller than the requested size 64"):
         tm.TerraMeshDataset(root, size=64)[0]
     (root / "S2L3A").mkdir()
@@ -195,13 +202,13 @@ def test_nan_pixels_become_the_mean(tmp_path):
     root, s = _tiny_root(tmp_path)
     x = s["S1GRD"].copy()
     x[:4, :, 0] = np.nan
-    tifffile.imwrite(root / "S1GRD" / "a.tif", x, **tm.TIFF_LAYOUT[3])
+    tifffile.imwrite(root / "S1GRD" / "a.tif", x, **TIFF_LAYOUT[3])
     ds = tm.TerraMeshDataset(root, size=None)
     with pytest.warns(UserWarning, match=r"S1GRD/a\.tif: replaced 128 NaN pixels"):
         out = ds[0]["S1GRD"]
     assert ds.nan_replaced == {"S1GRD": 128}
     assert torch.isfinite(out).all() and (out[0, :4] == 0).all()
-    assert torch.allclose(tm.destandardize("S1GRD", out)[0, :4], torch.tensor(-12.599))
+    assert torch.allclose(destandardize("S1GRD", out)[0, :4], torch.tensor(-12.599))
 
 
 def test_lulc_class_out_of_range(tmp_path):
@@ -223,14 +230,14 @@ def world(tmp_path_factory):
 
 def test_synth_layout_and_determinism(world):
     ds = tm.TerraMeshDataset(world, size=64, labels="label_water")
-    assert len(ds) == 120 and set(ds.modalities) == set(tm.MODALITIES)
+    assert len(ds) == 120 and set(ds.modalities) == set(MODALITIES)
     splits = {k: (world / "splits" / f"{k}.txt").read_text().split() for k in ("train", "val", "test")}
     assert [len(v) for v in splits.values()] == [96, 12, 12]
     assert not set(splits["train"]) & set(splits["test"])
     assert len(tm.TerraMeshDataset(world, split="val")) == 12
     a, b = synthetic.synth_sample(7, 5, 64), synthetic.synth_sample(7, 5, 64)
     assert all(np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in a)
-    x, _ = tm.read_tiff(world / "S2L2A" / "00005.tif")
+    x, _ = read_tiff(world / "S2L2A" / "00005.tif")
     assert np.array_equal(x, a["S2L2A"]) and x.dtype == np.int16
 
 
@@ -239,7 +246,7 @@ def _pool(world, n=120):
     out = {m: [] for m in ("S2L2A", "S1GRD", "S1RTC", "DEM", "LULC", "NDVI", "label_water")}
     for i in range(n):
         for m in out:
-            x, _ = tm.read_tiff(world / m / f"{i:05d}.tif")
+            x, _ = read_tiff(world / m / f"{i:05d}.tif")
             out[m].append(x.reshape(64 * 64, -1))
     return {m: np.concatenate(v) for m, v in out.items()}
 
@@ -247,16 +254,16 @@ def _pool(world, n=120):
 def test_synth_correlations(world):
     p = _pool(world)
     lulc = p["LULC"][:, 0]
-    water, trees, snow, crops = (lulc == tm.WATER), (lulc == tm.TREES), (lulc == tm.SNOW), (lulc == tm.CROPS)
+    water, trees, snow, crops = (lulc == WATER), (lulc == TREES), (lulc == SNOW), (lulc == CROPS)
     assert min(water.mean(), trees.mean(), snow.mean(), crops.mean()) > 0.01   # every class occurs
     nir, vv = p["S2L2A"][:, 7], p["S1GRD"][:, 0]
     assert nir[water].mean() < 0.3 * nir[trees].mean()                         # water is dark in NIR
     assert vv[water].mean() < vv[trees].mean() - 8                             # and in radar
     assert p["DEM"][snow, 0].mean() > p["DEM"][crops, 0].mean() + 1000         # snow sits high
     assert p["NDVI"][trees, 0].mean() > 0.6 > 0.0 > p["NDVI"][water, 0].mean()
-    assert (p["label_water"][:, 0] == 1)[lulc != tm.CLOUDS].mean() == pytest.approx(
-        water[lulc != tm.CLOUDS].mean())
-    clouds = lulc == tm.CLOUDS                                                 # bright in optical data,
+    assert (p["label_water"][:, 0] == 1)[lulc != CLOUDS].mean() == pytest.approx(
+        water[lulc != CLOUDS].mean())
+    clouds = lulc == CLOUDS                                                 # bright in optical data,
     assert p["S2L2A"][clouds, 1].mean() > 3 * p["S2L2A"][~clouds & ~snow, 1].mean()
     cloudy_water = clouds & (p["label_water"][:, 0] == 1)                      # invisible to radar
     assert vv[cloudy_water].mean() < vv[clouds & ~cloudy_water].mean() - 5
@@ -279,11 +286,11 @@ def test_synth_values_in_real_ranges(world):
 def test_synth_captions_mention_dominant_class(world):
     hits = 0
     for i in range(120):
-        lulc, _ = tm.read_tiff(world / "LULC" / f"{i:05d}.tif")
+        lulc, _ = read_tiff(world / "LULC" / f"{i:05d}.tif")
         dominant = int(np.bincount(lulc.ravel(), minlength=10).argmax())
         caption = (world / "caption" / f"{i:05d}.txt").read_text().lower()
         hits += any(p in caption for p in synthetic.CAPTION_PHRASES[dominant])
-        assert tm.parse_coords((world / "coords" / f"{i:05d}.txt").read_text())
+        assert parse_coords((world / "coords" / f"{i:05d}.txt").read_text())
     assert hits == 120
 
 
@@ -291,11 +298,11 @@ def test_synth_climate_by_latitude(world):
     """Snow belongs to high latitudes or high ground; the arid belt has less vegetation."""
     lat, snow, ndvi = [], [], []
     for i in range(120):
-        lon_lat = tm.parse_coords((world / "coords" / f"{i:05d}.txt").read_text())
-        x, _ = tm.read_tiff(world / "LULC" / f"{i:05d}.tif")
-        n, _ = tm.read_tiff(world / "NDVI" / f"{i:05d}.tif")
+        lon_lat = parse_coords((world / "coords" / f"{i:05d}.txt").read_text())
+        x, _ = read_tiff(world / "LULC" / f"{i:05d}.tif")
+        n, _ = read_tiff(world / "NDVI" / f"{i:05d}.tif")
         lat.append(abs(lon_lat[1]))
-        snow.append((x == tm.SNOW).mean())
+        snow.append((x == SNOW).mean())
         ndvi.append(n.mean())
     lat, snow, ndvi = map(np.array, (lat, snow, ndvi))
     assert snow[lat > 55].mean() > 3 * snow[lat < 35].mean()
@@ -323,17 +330,17 @@ def _read_png(path):
 
 def test_png_round_trip_and_render(tmp_path, world):
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    tm.save_png(tmp_path / "a.png", rgb)
+    save_png(tmp_path / "a.png", rgb)
     assert np.array_equal(_read_png(tmp_path / "a.png"), rgb)
-    lulc = np.array([[tm.WATER, tm.TREES], [tm.CROPS, tm.CLOUDS]])
-    assert np.array_equal(tm.render("LULC", lulc)[0, 0], tm.LULC_COLORS[tm.WATER])
+    lulc = np.array([[WATER, TREES], [CROPS, CLOUDS]])
+    assert np.array_equal(render("LULC", lulc)[0, 0], LULC_COLORS[WATER])
     logits = torch.nn.functional.one_hot(torch.from_numpy(lulc), 10).permute(2, 0, 1).float()
-    assert np.array_equal(tm.render("LULC", logits), tm.render("LULC", lulc))
+    assert np.array_equal(render("LULC", logits), render("LULC", lulc))
     s = tm.TerraMeshDataset(world, size=64)[3]
     for m in ("S2L2A", "S2L1C", "S2RGB", "S1GRD", "S1RTC", "DEM", "NDVI"):
-        img = tm.render(m, s[m], standardized=True)
+        img = render(m, s[m], standardized=True)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8 and img.std() > 0
-    tm.save_sheet(tmp_path / "sheet.png", [("S2L2A", img), ("LULC", tm.render("LULC", s["LULC"]))],
+    save_sheet(tmp_path / "sheet.png", [("S2L2A", img), ("LULC", render("LULC", s["LULC"]))],
                   lines=["lat=1.00 lon=2.00"])
     sheet = _read_png(tmp_path / "sheet.png")
     assert sheet.shape[0] > 128 and sheet.shape[1] > 2 * 128
@@ -349,23 +356,23 @@ def test_show_command(tmp_path, world, capsys):
 
 def test_stats_match_computed(world):
     stats = tm.dataset_stats(world, limit=10)
-    x = np.stack([tm.read_tiff(world / "DEM" / f"{i:05d}.tif")[0] for i in range(10)]).astype(np.float64)
+    x = np.stack([read_tiff(world / "DEM" / f"{i:05d}.tif")[0] for i in range(10)]).astype(np.float64)
     assert stats["DEM"][0][0] == pytest.approx(x.mean()) and stats["DEM"][1][0] == pytest.approx(x.std())
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     w = torch.randn(4, 3)
     path = tmp_path / "m.safetensors"
-    tm.save_safetensors(path, {"a": w, "tied": w, "n": torch.arange(3)}, {"config": {"dim": 3}})
-    tensors, meta = tm.load_safetensors(path)
+    save_safetensors(path, {"a": w, "tied": w, "n": torch.arange(3)}, {"config": {"dim": 3}})
+    tensors, meta = load_safetensors(path)
     assert torch.equal(tensors["tied"], w) and meta == {"config": {"dim": 3}}
     good = path.read_bytes()
     path.write_bytes(good[:-7])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        tm.load_safetensors(path)
+        load_safetensors(path)
     flipped = bytearray(good)
     flipped[-5] ^= 0xFF
     path.write_bytes(bytes(flipped))
     with pytest.raises(ValueError, match="checksum mismatch"):
-        tm.load_safetensors(path)
+        load_safetensors(path)
     assert not list(tmp_path.glob("*.tmp*"))

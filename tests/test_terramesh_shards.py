@@ -255,13 +255,14 @@ def write_both_layouts(tmp_path, n=3, size=264):
     same stored values: ids 00000.. in train/, the last one in val/ (an ssl4eos12 shard: S1GRD, no S1RTC)."""
     import tifffile
     import synthetic
-    from terramesh import write_text
+    from geotiff import write_text
+    from modalities import CLOUDS
     tiffs, shards = tmp_path / "tiff", tmp_path / "shards"
     members = {}
     for i in range(n):
         sample = synthetic.synth_sample(0, i, size)
         split, subset = ("train", "majortom") if i < n - 1 else ("val", "ssl4eos12")
-        clouds = sample["LULC"] == synthetic.CLOUDS
+        clouds = sample["LULC"] == CLOUDS
         for m, bands in synthetic.published(sample).items():
             if m == synthetic.SUBSET_S1["majortom" if subset == "ssl4eos12" else "ssl4eos12"]:
                 continue
@@ -283,11 +284,12 @@ def layouts(tmp_path_factory):
 
 def test_centre_crop_of_a_264_px_sample_equals_the_geotiff_path(layouts):
     import terramesh as tm
+    from modalities import MODALITIES
     tiffs, shards = layouts
     a, b = tm.TerraMeshDataset(tiffs, size=224), tm.TerraMeshDataset(shards, size=224)
     assert b.published and not a.published
     assert b.ids == a.ids == ["00000", "00001", "00002"]
-    assert b.modalities == [m for m in tm.MODALITIES if m != "caption"]
+    assert b.modalities == [m for m in MODALITIES if m != "caption"]
     for k in range(len(a)):
         x, y = a[k], b[k]
         assert sorted(x) == sorted(y), k
@@ -343,26 +345,27 @@ def test_written_samples_read_by_zarr(layouts, tmp_path):
 
 
 def test_tokenizer_crops_and_token_window():
-    import fsq_tokenizer
-    import terramesh as tm
-    assert fsq_tokenizer.crop_sizes(256) == [224, 240, 256] and fsq_tokenizer.crop_sizes(64) == [64]
-    assert tm.token_window(264) == (4, 256) and tm.token_window(224) == (0, 224) and tm.token_window(72) == (4, 64)
+    import modalities
+    import tokenizer_data
+    assert tokenizer_data.crop_sizes(256) == [224, 240, 256] and tokenizer_data.crop_sizes(64) == [64]
+    assert modalities.token_window(264) == (4, 256) and modalities.token_window(224) == (0, 224)
+    assert modalities.token_window(72) == (4, 64)
     x = torch.arange(2 * 264 * 264).view(2, 1, 264, 264)
-    assert torch.equal(fsq_tokenizer.token_window(x), x[..., 4:260, 4:260])
-    cut = tm.whole_patches({"S2L2A": x[0], "LULC": x[0, 0], "coords": "lat=1.00 lon=2.00"})
+    assert torch.equal(tokenizer_data.token_window(x), x[..., 4:260, 4:260])
+    cut = modalities.whole_patches({"S2L2A": x[0], "LULC": x[0, 0], "coords": "lat=1.00 lon=2.00"})
     assert torch.equal(cut["S2L2A"], x[0, :, 4:260, 4:260]) and cut["LULC"].shape == (256, 256)
     assert cut["coords"] == "lat=1.00 lon=2.00"
     torch.manual_seed(0)
     sides = set()
     for _ in range(40):
-        crop = fsq_tokenizer.random_crop(x, [224, 240, 256])
+        crop = tokenizer_data.random_crop(x, [224, 240, 256])
         s = crop.shape[-1]
         sides.add(s)
         top, left = divmod(int(crop[0, 0, 0, 0]) - 0, 264)                   # the window's first pixel
         assert torch.equal(crop[0], x[0, :, top:top + s, left:left + s])
     assert sides == {224, 240, 256}
     y = torch.zeros(3, 2, 64, 64)
-    assert fsq_tokenizer.random_crop(y, [64]) is y                             # tiles of the preset size: as is
+    assert tokenizer_data.random_crop(y, [64]) is y                             # tiles of the preset size: as is
 
 
 def test_stats_and_show_on_the_published_layout(layouts, tmp_path):
@@ -382,6 +385,7 @@ def test_stats_and_show_on_the_published_layout(layouts, tmp_path):
 def test_synthetic_world_in_the_published_layout(tmp_path):
     import synthetic
     import terramesh as tm
+    from modalities import destandardize
     synthetic.synthesize_shards(tmp_path, n=10, size=72, workers=1)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/S2L2A/*.tar"))
     assert names == ["test/S2L2A/majortom_shard_000001.tar",          # 10 samples: 8 / 1 / 1
@@ -393,7 +397,7 @@ def test_synthetic_world_in_the_published_layout(tmp_path):
     sample, truth = ds[0], synthetic.synth_sample(0, int(ds.ids[0]), 72)
     assert sample["coords"] == truth["coords"] and sample["S2L2A"].shape == (12, 72, 72)
     assert sample["caption"] == truth["caption"]
-    np.testing.assert_array_equal(tm.destandardize("DEM", sample["DEM"].numpy())[0].round(), truth["DEM"])
+    np.testing.assert_array_equal(destandardize("DEM", sample["DEM"].numpy())[0].round(), truth["DEM"])
 
 
 def test_the_same_world_in_both_layouts(tmp_path):
@@ -444,11 +448,12 @@ def test_compact_index_reads_like_lists_and_dicts(layouts):
 def test_export_and_captions_commands(layouts, tmp_path, monkeypatch):
     import synthetic
     import terramesh as tm
+    from geotiff import read_tiff
     tiffs, shards = layouts
     key = tm.export_sample(shards, tmp_path / "x", split="train", names=["S2L2A", "DEM", "S1RTC"])
     assert key == "00000"
     for m in ("S2L2A", "DEM", "S1RTC"):
-        got, want = tm.read_tiff(tmp_path / "x" / f"{m}.tif")[0], tm.read_tiff(tiffs / m / f"{key}.tif")[0]
+        got, want = read_tiff(tmp_path / "x" / f"{m}.tif")[0], read_tiff(tiffs / m / f"{key}.tif")[0]
         np.testing.assert_array_equal(got.reshape(want.shape), want.astype(got.dtype))
     assert tm.export_sample(shards, tmp_path / "y", names=["S1GRD"]) == "00002"   # first with S1GRD
     with pytest.raises(ValueError, match="the file exists; pass --overwrite"):
