@@ -209,15 +209,18 @@ def decoder_stage(name: str) -> str:
 
 
 def decode_window_row(tokenizer, name: str, ids: torch.Tensor, r: int, th: int, cols: list, tw: int,
-                      steps: int, seed: int, per: int, timer) -> tuple:
-    """The windows of one decoding row at pixel row r, decoded and blended with `ramp` weights ->
-    weighted sum (B, C, th, Wp) and weights (th, Wp)."""
-    B, C, Wp = ids.shape[0], tokenizer.channels, ids.shape[-1] * PATCH
-    total = ids.new_zeros(B, C, th, Wp, dtype=torch.float32)
-    weights = ids.new_zeros(th, Wp, dtype=torch.float32)
+                      steps: int, seed: int, per: int, timer):
+    """The windows of one decoding row at pixel row r, decoded `per` at a time and blended with
+    `ramp` weights -> yields (c0, weighted sum (B, C, th, c1 - c0), weights (th, c1 - c0)) for
+    columns [c0, c1) once no later window reaches them, so only the columns of one chunk of
+    windows are held, not the whole row."""
+    B, C = ids.shape[0], tokenizer.channels
     w = (ramp(th)[:, None] * ramp(tw)[None, :]).to(ids.device)           # (th, tw)
     diffusion = MODALITIES[name].decoder == "diffusion"
     rows = slice(r // PATCH, (r + th) // PATCH)
+    start = 0                                       # the first column not yet yielded
+    total = ids.new_zeros(B, C, th, 0, dtype=torch.float32)              # (B, C, th, columns)
+    weights = ids.new_zeros(th, 0, dtype=torch.float32)
     for k in range(0, len(cols), per):
         chunk = cols[k:k + per]
         cells = torch.cat([ids[:, rows, c // PATCH:(c + tw) // PATCH] for c in chunk])
@@ -226,10 +229,16 @@ def decode_window_row(tokenizer, name: str, ids: torch.Tensor, r: int, th: int, 
             noise = torch.cat([window_noise(seed, name, r, c, (B, C, th, tw)) for c in chunk])
         with timer(decoder_stage(name)):
             x = tokenizer.decode(cells, steps=steps, noise=noise).float()   # (n B, C, th, tw)
+        grow = chunk[-1] + tw - start - total.shape[-1]
+        total = torch.cat([total, total.new_zeros(B, C, th, grow)], -1)
+        weights = torch.cat([weights, weights.new_zeros(th, grow)], -1)
         for part, c in zip(x.split(B), chunk):
-            total[..., c:c + tw] += part * w
-            weights[:, c:c + tw] += w
-    return total, weights
+            total[..., c - start:c - start + tw] += part * w
+            weights[:, c - start:c - start + tw] += w
+        # later windows start at or right of this column
+        done = cols[k + per] if k + per < len(cols) else chunk[-1] + tw
+        yield start, total[..., :done - start], weights[:, :done - start]
+        total, weights, start = total[..., done - start:], weights[:, done - start:], done
 
 
 def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, seed: int,
@@ -244,7 +253,11 @@ def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, 
     with `ramp` weights. DEVIATION (paper §11.1: a plain average of windows at the generation
     stride): half-tile stride and weights that fall to the window edges, so no window border shows
     (measured, tests/test_scene.py). The rows of earlier windows that reach into `first_row` are
-    decoded again, so a resumed run needs no saved pixels."""
+    decoded again, so a resumed run needs no saved pixels.
+
+    Memory: one tile-high band of weighted sums across the width (B, C, th, Wp) holds the rows not
+    yet final; it is shifted up in place as rows are yielded, so no buffer grows with the scene's
+    height and none is copied whole per row (ours, issue 22)."""
     Hp, Wp = ids.shape[-2] * PATCH, ids.shape[-1] * PATCH
     per = max(1, batch_size // ids.shape[0])
     th, tw = min(tile, Hp), min(tile, Wp)
@@ -256,22 +269,26 @@ def decode_rows(tokenizer, name: str, ids: torch.Tensor, tile: int, steps: int, 
         return
     base = rows[first_row] if first_row < len(rows) else Hp   # first row not yet final
     B, C = ids.shape[0], tokenizer.channels
-    total = ids.new_zeros(B, C, 0, Wp, dtype=torch.float32)              # (B, C, rows, Wp)
-    weights = ids.new_zeros(0, Wp, dtype=torch.float32)
+    total = ids.new_zeros(B, C, th, Wp, dtype=torch.float32)             # rows base..base + th
+    weights = ids.new_zeros(th, Wp, dtype=torch.float32)
     for i, r in enumerate(rows):
         if i < first_row and r + th <= base:
             continue
-        part, w = decode_window_row(tokenizer, name, ids, r, th, cols, tw, steps, seed, per, timer)
         lo = max(base - r, 0)   # rows above `base` are final already
-        grow = r + th - base - total.shape[-2]
-        if grow > 0:
-            total = torch.cat([total, total.new_zeros(B, C, grow, Wp)], -2)
-            weights = torch.cat([weights, weights.new_zeros(grow, Wp)])
-        total[..., r + lo - base:r + th - base, :] += part[..., lo:, :]
-        weights[r + lo - base:r + th - base] += w[lo:]
+        band = slice(r + lo - base, r + th - base)
+        spans = decode_window_row(tokenizer, name, ids, r, th, cols, tw, steps, seed, per, timer)
+        for c, part, w in spans:
+            c1 = c + part.shape[-1]
+            total[..., band, c:c1] += part[..., lo:, :]
+            weights[band, c:c1] += w[lo:]
         if i < first_row:
             continue
         done = rows[i + 1] if i + 1 < len(rows) else Hp   # later windows start at or below this row
-        final = total[..., :done - base, :] / weights[:done - base]
-        yield base, decoded(name, final, standardized)
-        total, weights, base = total[..., done - base:, :], weights[done - base:], done
+        d = done - base
+        yield base, decoded(name, total[..., :d, :] / weights[:d], standardized)
+        keep = th - d                                     # shift the rows not yet final up
+        total[..., :keep, :] = total[..., d:, :].clone()
+        weights[:keep] = weights[d:].clone()
+        total[..., keep:, :] = 0
+        weights[keep:] = 0
+        base = done
