@@ -1,7 +1,7 @@
 """
 The entries of TerraMind: what the model reads and predicts, derived from the modality table.
 
-An entry is one scale of one modality (terramesh.MODALITIES):
+An entry is one scale of one modality (modalities.MODALITIES):
   * "S2L2A", "S2L1C", "S2RGB", "S1GRD", "S1RTC", "DEM": standardized pixels, float (B, C, H, W);
   * "tok_S2L2A", "tok_S1GRD", "tok_S1RTC", "tok_DEM", "tok_LULC", "tok_NDVI": FSQ token ids
     (B, h, w);
@@ -12,7 +12,7 @@ names an entry by its index in ENTRIES (`input_mod`, `target_mod`; -1 = padding)
 
 Used by terramind.py (the model), masking.py (budgets per entry) and official.py (official keys).
 """
-from terramesh import MODALITIES
+from modalities import MODALITIES
 
 
 def _entries() -> tuple:

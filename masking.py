@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from entries import ENTRIES, ENTRY_INDEX, PAD, entry_kind, entry_modality, official_key
-from terramesh import PATCH
+from modalities import PATCH
 
 UNK, SOS, EOS = 1, 2, 3       # text_tokenizer.py ids (official WordPiece vocabulary)
 SENTINEL = 4                  # [S_k] = SENTINEL + k, k = 0..199; 4M counts from [S_1]

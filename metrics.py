@@ -12,15 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-import terramesh
-from terramesh import WATER
+from modalities import WATER, destandardize
 
 # -----------------------------------------------------------------------------------------------
 # Reconstruction (paper Table 10): MAE, RMSE, SSIM, PSNR in physical units; codebook usage
 
 def physical(name: str, x: torch.Tensor) -> torch.Tensor:
     """Standardized -> physical units: reflectance (S2), dB (S1), metres (DEM), NDVI."""
-    x = terramesh.destandardize(name, x.double())
+    x = destandardize(name, x.double())
     return x / 1e4 if name.startswith("S2") else x
 
 

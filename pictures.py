@@ -1,7 +1,7 @@
 """
 Pictures without an image library: a PNG encoder (zlib), a 3x5 pixel font,
 labelled sheets of panels and line plots (loss curves). Every stage that draws
-imports from here; `terramesh.render` turns a modality into RGB. Nothing here
+imports from here; `render.render` turns a modality into RGB. Nothing here
 knows about modalities.
 
     from pictures import save_png, save_sheet, plot_curves

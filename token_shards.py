@@ -2,7 +2,7 @@
 Token shards: the image tokens of a whole dataset, written once by `fsq_tokenizer.py tokenize`
 and read by pretraining.
 
-Format: `<out>/<MOD>/shard_<k>.safetensors` (terramesh.save_safetensors, atomic), one per
+Format: `<out>/<MOD>/shard_<k>.safetensors` (checkpoints.save_safetensors, atomic), one per
 --shard-size samples in sorted id order; tensor "tokens" int16 (n, h, w); metadata "ids" (row
 order), "modality", "vocab_size", "tokenizer" (checksum of the tokenizer file) and "files" (size
 and modification time of each sample's tile). A re-run skips a shard whose ids, files and
@@ -24,7 +24,7 @@ import safetensors
 import torch
 from tqdm import tqdm
 
-from terramesh import load_safetensors, save_safetensors
+from checkpoints import load_safetensors, save_safetensors
 from tokenizer_data import batches, token_window
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+import modalities
 import terramesh
+from modalities import PATCH
 from terramesh import TerraMeshDataset
 
 
@@ -40,17 +42,17 @@ def batches(ds, m: str, batch_size: int, indices):
 
 def token_window(x: torch.Tensor) -> torch.Tensor:
     """The centred window of whole patches that a tile's token grid covers
-    (terramesh.token_window: 264 px TerraMesh tiles -> 256 px, 4 px in).
+    (modalities.token_window: 264 px TerraMesh tiles -> 256 px, 4 px in).
     tokenize encodes it, pretraining crops its windows inside it."""
-    top, h = terramesh.token_window(x.shape[-2])
-    left, w = terramesh.token_window(x.shape[-1])
+    top, h = modalities.token_window(x.shape[-2])
+    left, w = modalities.token_window(x.shape[-1])
     return x[..., top:top + h, left:left + w]
 
 
 def crop_sizes(image_size: int) -> list[int]:
     """Training crop sides: multiples of 16 from 7/8 of the preset's image size up to it
     (paper §8.1: random crops of 224-256 px for the official 256)."""
-    patch = terramesh.PATCH
+    patch = PATCH
     low = -(-image_size * 7 // 8 // patch) * patch
     return list(range(low, image_size + 1, patch))
 

@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import terramesh
 from cli import distinct_outputs, output_file
 from diffusion_decoder import DECODE_STEPS, OFFICIAL_DECODE_STEPS
+from geotiff import write_text
 from metrics import codebook_usage, physical, reconstruction_metrics
+from pictures import save_sheet
+from render import render
 from tokenizer_data import batches, dataset
 
 UNITS = {"S2L2A": "reflectance", "S1GRD": "dB", "S1RTC": "dB", "DEM": "m", "NDVI": "NDVI"}
@@ -133,15 +135,15 @@ def write_metrics(path: Path, m: str, n: int, usage: dict, runs: list, rows: dic
     report = {"modality": m, "n": n, "steps": runs[0][0], "codebook": usage,
               "metrics": {**first, "mean image": rows["mean image"]}, "sweep": sweep}
     path.parent.mkdir(parents=True, exist_ok=True)
-    terramesh.write_text(path, json.dumps(report, indent=1))
+    write_text(path, json.dumps(report, indent=1))
 
 
 def write_sheet(path: Path, m: str, x: torch.Tensor, recons: dict):
     """A picture sheet: the input, then each reconstruction."""
-    panels = [("input", terramesh.render(m, x, True))]
+    panels = [("input", render(m, x, True))]
     for name, r in recons.items():
-        panels.append((name, terramesh.render(m, r, standardized=True)))
-    terramesh.save_sheet(path, panels)
+        panels.append((name, render(m, r, standardized=True)))
+    save_sheet(path, panels)
 
 
 def report_reconstruction(args, m: str, n: int, usage: dict, rows: dict, seconds: dict):

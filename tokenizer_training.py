@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import terramesh
+from checkpoints import expect_kind, load_safetensors, save_safetensors
 from cli import TrainingDiverged
-from terramesh import expect_kind, load_safetensors, save_safetensors
+from modalities import MODALITIES
 from token_shards import read_header
 from tokenizer_data import WithIds, random_crop
 
@@ -58,7 +58,7 @@ def train_recipe(args, m: str, world: int, n: int, batch: int,
     lr = blr * batch * world / 256 if blr else args.lr or preset["lr"]
     official_ema = 0.99 if m == "LULC" else preset["ema"]     # official: LULC's EMA decay is 0.99
     ema = args.ema if args.ema is not None else official_ema if preset["ema"] else 0.0
-    diffusion = terramesh.MODALITIES[m].decoder == "diffusion"
+    diffusion = MODALITIES[m].decoder == "diffusion"
     gpu_dtype = "fp16" if args.size == "official" and diffusion else "bf16"
     dtype = args.dtype or (gpu_dtype if cuda else "fp32")
     warmup = per_epoch if epochs else max(1, steps // 20)

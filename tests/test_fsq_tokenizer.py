@@ -10,9 +10,10 @@ import torch
 
 import synthetic
 import terramesh
-from fsq_tokenizer import (FSQ, ImageTokenizer, TokenizerConfig, TokenShards, load_state_strict, load_tokenizers,
-                           sincos_table)
+from fsq_tokenizer import (FSQ, ImageTokenizer, TokenizerConfig, load_state_strict,
+                           load_tokenizers, sincos_table)
 from metrics import codebook_usage, reconstruction_metrics, ssim
+from token_shards import TokenShards
 from test_diffusion_decoder import load_fixture, official_state, rel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +240,7 @@ def test_official_preset_follows_the_papers_tokenizer_recipe():
     diffusion tokenizers, EMA; the official code: EMA 0.9999 (LULC 0.99, bf16), a one-epoch warmup."""
     import argparse
 
-    from fsq_tokenizer import lr_at, train_recipe
+    from tokenizer_training import lr_at, train_recipe
 
     def flags(**given):
         return argparse.Namespace(**({k: None for k in ("epochs", "steps", "blr", "lr", "ema", "dtype")} |

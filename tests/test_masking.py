@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from masking import (EOS, MIXTURES, SENTINEL, Masking, cross_scale_overlap, fit_target, mask_caption, parse_mixture,
-                     sample_budgets, span_mask, to_official)
-from terramesh import MODALITIES
-from terramind import ENTRIES, PRESETS, entry_kind, official_key
+from entries import ENTRIES, entry_kind, official_key
+from masking import (EOS, MIXTURES, SENTINEL, Masking, cross_scale_overlap, fit_target,
+                     mask_caption, parse_mixture, sample_budgets, span_mask, to_official)
+from modalities import MODALITIES
+from terramind import PRESETS
 
 S1, S2 = SENTINEL + 1, SENTINEL + 2
 INPUTS, TARGETS = PRESETS["smoke"].inputs, PRESETS["smoke"].targets

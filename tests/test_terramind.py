@@ -10,9 +10,11 @@ import torch
 from torch.utils.data import default_collate
 
 import cpu_linear
+from checkpoints import load_safetensors
+from entries import ENTRIES, entry_kind
 from masking import Masking
-from terramesh import MODALITIES, load_safetensors
-from terramind import ENTRIES, PRESETS, TerraMind, TerraMindConfig, entry_kind, flops_per_token
+from modalities import MODALITIES
+from terramind import PRESETS, TerraMind, TerraMindConfig, flops_per_token
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "terramind"
 SPEC = Path(__file__).resolve().parents[1] / "assets" / "official"
