@@ -64,8 +64,8 @@ def official_added_tokens() -> list[tuple[str, bool]]:
     """The 6366 added tokens of TerraMind v1 in id order, as (content, single_word)."""
     specials = ["[PAD]", "[UNK]", "[SOS]", "[EOS]"]
     sentinels = [f"[S_{k}]" for k in range(N_SENTINELS)]
-    boxes = [f"{box}={i}" for box in ("xmin", "ymin", "xmax", "ymax")
-             for i in range(1000)]                                        # 4M detection
+    corners = ("xmin", "ymin", "xmax", "ymax")
+    boxes = [f"{c}={i}" for c in corners for i in range(1000)]           # 4M detection
     lats = [f"lat={-90 + COORD_STEP * k:.2f}" for k in range(721)]       # -90.00 .. 90.00
     lons = [f"lon={-180 + COORD_STEP * k:.2f}" for k in range(1441)]     # -180.00 .. 180.00
     tokens = [(t, False) for t in specials]
