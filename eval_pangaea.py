@@ -46,16 +46,17 @@ from einops import rearrange
 from torch import nn
 from tqdm import tqdm
 
+from checkpoints import save_safetensors
 from cli import (TrainingDiverged, fraction, layer_list, multiple_of, nonnegative_int,
                  positive_int, run_main, torch_device, writable_folder)
 from fewshot import embed, fewshot_accuracy
 from metrics import confusion_matrix, segmentation_scores
+from modalities import MODALITIES, PATCH, PIXEL_MODALITIES, modality_names
 from pangaea_datasets import READERS, band_codes, source_key
 from pangaea_decoders import LTAE2d, TemporalLinear, UPerNet
 from pangaea_reports import save_prediction, table6, write_json
+from shard_index import is_shard_root
 from sliding_windows import sliding_inference
-from terramesh import (MODALITIES, PATCH, PIXEL_MODALITIES, is_shard_root, modality_names,
-                       save_safetensors)
 from terramesh_labels import (ImageFolder, LULCClasses, TerraMeshLabels, split_folders,
                               write_class_folders)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from terramesh import token_window
+from modalities import token_window
 
 
 @torch.no_grad()

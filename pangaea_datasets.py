@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terramesh import (MODALITIES, S2_BAND_CODES, format_coords, read_input, read_tiff,
-                       standardize, to_channels_first)
+from geotiff import read_tiff, to_channels_first
+from modalities import MODALITIES, S2_BAND_CODES, format_coords, standardize
+from terramesh import read_input
 
 
 OPTICAL = ("S2L1C", "S2L2A", "S2RGB")

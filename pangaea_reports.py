@@ -13,8 +13,10 @@ import json
 
 import numpy as np
 
+from geotiff import write_text
+from modalities import LULC_COLORS, MODALITIES
 from pictures import save_sheet
-from terramesh import LULC_COLORS, MODALITIES, render, write_text
+from render import render
 
 
 TABLE6 = {"hlsburnscars": "HLS Burns", "mados": "MADOS", "pastis": "PASTIS",

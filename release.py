@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-import terramesh
 from cli import output_file, run_main
-from fsq_tokenizer import ImageTokenizer, TokenizerConfig, load_state_strict, tokenizer_path
-from terramind import (ENTRIES, PRESETS, CHECKPOINT, TerraMind, TerraMindConfig, entry_modality,
-                       official_key)
+from entries import ENTRIES, entry_modality, official_key
+from fsq_tokenizer import (ImageTokenizer, TokenizerConfig, load_state_strict,
+                           tokenizer_path)
+from modalities import TOKENIZED_IMAGES
+from terramind import CHECKPOINT, PRESETS, TerraMind, TerraMindConfig
 
 # official: every v1 size (192/3 ... 1024/16) and the tokenizers' ViT-B (768/12)
 HEAD_DIM = 64
@@ -188,7 +189,7 @@ def find_release(folder: Path) -> tuple[list, dict]:
                                 f"folder")
     models = sorted(p for p in folder.glob("*.pt") if MODEL_FILE.fullmatch(p.name))
     tokenizers = {}
-    for m in terramesh.TOKENIZED_IMAGES:
+    for m in TOKENIZED_IMAGES:
         path = folder / f"TerraMind_Tokenizer_{m}.pt"
         if path.is_file():
             tokenizers[m] = path
@@ -241,7 +242,7 @@ def missing_files(config: TerraMindConfig | None, codes: dict) -> list[str]:
     if not config:
         lines.append(f"TerraMind_v1_<size>.pt ({REPO}<size>): no model to generate, "
                      f"fine-tune or evaluate")
-    for m in terramesh.TOKENIZED_IMAGES:
+    for m in TOKENIZED_IMAGES:
         if m not in codes:
             lines.append(f"TerraMind_Tokenizer_{m}.pt ({REPO}Tokenizer-{m}): {m} can be neither "
                          f"generated nor a token input")

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from geotiff import write_geotiff
+from modalities import CLOUDS, LULC_CLASSES, MODALITIES, NO_DATA, destandardize
 from pangaea_datasets import PangaeaDataset, band_codes, read_lines, read_tif, source_key
-from terramesh import (CLOUDS, LULC_CLASSES, MODALITIES, NO_DATA, Member, TerraMeshDataset,
-                       dataset_modalities, destandardize, has_split, is_shard_root, read_sample,
-                       write_geotiff)
+from shard_index import Member, is_shard_root
+from terramesh import TerraMeshDataset, dataset_modalities, has_split
+from terramesh_shards import read_sample
 
 
 def band_stats(reader, limit=500) -> tuple:

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from modalities import PATCH, standardize
 from pangaea_datasets import READERS, band_codes, source_key
-from terramesh import PATCH, standardize
 from terramesh_labels import TerraMeshLabels, split_folders
 
 IGNORE = -1   # label value of unlabelled pixels (Sen1Floods11, TerraMesh label folders)

@@ -19,9 +19,9 @@ import torch
 from tqdm import tqdm
 
 from cli import distinct_outputs, output_file
+from modalities import LULC_COLORS, MODALITIES
 from scene import Progress, Raster, TiledWriter, open_scene, summary
 from sliding_windows import sliding_inference, window_starts
-from terramesh import LULC_COLORS, MODALITIES
 from tim_data import prepare
 
 NODATA = 255  # predicted mask value where every input band is NaN

@@ -21,8 +21,13 @@ import pangaea_datasets as pds
 import synthetic
 import terramesh_labels as tml
 import terramind
-from sliding_windows import window_starts
-from terramesh import MODALITIES
+from cli import TrainingDiverged, run_main
+from fewshot import embed, fewshot_accuracy
+from metrics import confusion_matrix, segmentation_scores
+from modalities import MODALITIES
+from pangaea_decoders import LTAE2d, TemporalLinear, UPerNet
+from pangaea_reports import table6
+from sliding_windows import sliding_inference, window_starts
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT / "assets"
@@ -63,10 +68,10 @@ class StandIn(nn.Module):
 def test_confusion_matrix_and_iou_by_hand():
     pred = torch.tensor([0, 0, 1, 1, 2, 2, 1])
     target = torch.tensor([0, 1, 1, -1, 2, 0, 1])          # one ignored pixel (-1)
-    cm = ep.confusion_matrix(pred, target, 3, -1)
+    cm = confusion_matrix(pred, target, 3, -1)
     # rows = prediction, columns = target: pred 0 on targets {0, 1}; pred 1 on {1, 1}; pred 2 on {2, 0}
     assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    s = ep.segmentation_scores(cm, -1)
+    s = segmentation_scores(cm, -1)
     # IoU = tp / (pred + gt - tp): class 0: 1 / (2 + 2 - 1); class 1: 2 / (2 + 3 - 2); class 2: 1 / (2 + 1 - 1)
     assert np.allclose(s["iou"], [100 / 3, 200 / 3, 50], atol=1e-4)
     assert s["miou"] == pytest.approx((100 / 3 + 200 / 3 + 50) / 3, abs=1e-4)
@@ -75,7 +80,7 @@ def test_confusion_matrix_and_iou_by_hand():
 
 def test_absent_class_counts_with_iou_zero():
     pred, target = torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1])
-    s = ep.segmentation_scores(ep.confusion_matrix(pred, target, 4, -1), -1)    # classes 2, 3 never occur
+    s = segmentation_scores(confusion_matrix(pred, target, 4, -1), -1)    # classes 2, 3 never occur
     assert s["iou"][:2] == pytest.approx([100, 100], abs=1e-3) and s["iou"][2:] == [0, 0]
     assert s["miou"] == pytest.approx(50, abs=1e-3)                             # (100 + 100 + 0 + 0) / 4
 
@@ -83,9 +88,9 @@ def test_absent_class_counts_with_iou_zero():
 def test_ignore_index_inside_the_class_range():
     # PASTIS-like: class 2 is the ignore index: its pixels are removed and it leaves the mean
     pred, target = torch.tensor([0, 1, 2, 2, 1]), torch.tensor([0, 1, 2, 2, 0])
-    cm = ep.confusion_matrix(pred, target, 3, ignore_index=2)
+    cm = confusion_matrix(pred, target, 3, ignore_index=2)
     assert cm.sum() == 3 and cm[:, 2].sum() == 0
-    s = ep.segmentation_scores(cm, 2)
+    s = segmentation_scores(cm, 2)
     assert s["iou"][2] == 0
     assert s["miou"] == pytest.approx((50 + 50) / 2, abs=1e-3)                  # not (50 + 50 + 0) / 3
 
@@ -107,7 +112,7 @@ def test_sliding_inference_reassembles_identity(h, w, window):
         calls.append(windows["S1GRD"].shape)
         assert windows["S1GRD"].shape[-2:] == (window, window)
         return windows["S1GRD"][:, :, 0]
-    out = ep.sliding_inference(identity, x, window, batch=4)
+    out = sliding_inference(identity, x, window, batch=4)
     assert out.shape == (2, 3, h, w)
     assert torch.equal(out, x["S1GRD"][:, :, 0])                # overlaps averaged: exact for identity
     n = math.ceil(max(h, window) / window) * math.ceil(max(w, window) / window)
@@ -428,7 +433,7 @@ def test_random_and_focus_crops(tmp_path):
 
 
 def test_upernet_shapes_and_neck():
-    head = ep.UPerNet(32, 5, channels=16)
+    head = UPerNet(32, 5, channels=16)
     feats = [torch.randn(2, 32, 4, 4) for _ in range(4)]
     sizes = [op(f).shape[-1] for op, f in zip(head.neck, feats)]
     assert sizes == [16, 8, 4, 2]                                                  # x4, x2, x1, x0.5
@@ -440,12 +445,12 @@ def test_upernet_shapes_and_neck():
 
 
 def test_ltae_is_order_invariant_and_linear_is_linear():
-    ltae = ep.LTAE2d(32).eval()
+    ltae = LTAE2d(32).eval()
     x = torch.randn(2, 32, 6, 3, 3)
     out = ltae(x)
     assert out.shape == (2, 32, 3, 3)
     assert torch.allclose(ltae(x[:, :, torch.randperm(6)]), out, atol=1e-4)       # no positional encoding
-    lin = ep.TemporalLinear(6)
+    lin = TemporalLinear(6)
     w, b = lin.weight[0], lin.bias[0]
     assert torch.allclose(lin(x), torch.einsum("bdthw,t->bdhw", x, w) + b, atol=1e-6)
 
@@ -475,18 +480,18 @@ def test_fewshot_separable_is_perfect_and_random_is_chance():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(10), 30)
     x = np.eye(10)[y] * 10 + rng.normal(0, 0.1, (300, 10))                         # well separated clusters
-    assert ep.fewshot_accuracy(x, y, x, y, ways=5, shots=1, runs=50, same_pool=True)[0] == 100.0
+    assert fewshot_accuracy(x, y, x, y, ways=5, shots=1, runs=50, same_pool=True)[0] == 100.0
     xq = rng.normal(size=(300, 16))
     for ways, shots in ((5, 1), (5, 5)):
-        acc, _ = ep.fewshot_accuracy(rng.normal(size=(300, 16)), rng.permutation(y), xq, rng.permutation(y), ways,
+        acc, _ = fewshot_accuracy(rng.normal(size=(300, 16)), rng.permutation(y), xq, rng.permutation(y), ways,
                                      shots, runs=200)
         assert abs(acc - 100 / ways) < 3                                           # chance: 20 %
     with pytest.raises(ValueError, match="ways"):
-        ep.fewshot_accuracy(x, y, x, y, ways=11, shots=1)
+        fewshot_accuracy(x, y, x, y, ways=11, shots=1)
     keep = y != 9                                        # class 9 has support images but no test images
-    assert ep.fewshot_accuracy(x, y, x[keep], y[keep], ways=9, shots=5, runs=20)[0] == 100.0
+    assert fewshot_accuracy(x, y, x[keep], y[keep], ways=9, shots=5, runs=20)[0] == 100.0
     with pytest.raises(ValueError, match="ways"):
-        ep.fewshot_accuracy(x, y, x[keep], y[keep], ways=10, shots=1)
+        fewshot_accuracy(x, y, x[keep], y[keep], ways=10, shots=1)
 
 
 def test_fewshot_on_image_folders(tmp_path):
@@ -500,10 +505,10 @@ def test_fewshot_on_image_folders(tmp_path):
     query = tml.ImageFolder(tmp_path / "test", "S2L2A", None, support.classes, (support.mean, support.std))
     m = ep.BandMatcher(support, ["S2L2A"])
     enc = StandIn()
-    xs, ys = ep.embed(enc, ep.SegmentationData(support, m, None, False), 8)
-    xq, yq = ep.embed(enc, ep.SegmentationData(query, m, None, False), 8)
+    xs, ys = embed(enc, ep.SegmentationData(support, m, None, False), 8)
+    xq, yq = embed(enc, ep.SegmentationData(query, m, None, False), 8)
     assert xs.shape == (15, 32) and yq.tolist() == sorted(yq.tolist())
-    assert ep.fewshot_accuracy(xs, ys, xq, yq, 5, 1, runs=20)[0] == 100.0
+    assert fewshot_accuracy(xs, ys, xq, yq, 5, 1, runs=20)[0] == 100.0
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -540,7 +545,7 @@ def test_a_diverged_step_names_the_step_and_the_batch_files(tmp_path):
     reader = tml.TerraMeshLabels(root, "train", "label_water", ["S1GRD"], ("land", "water"))
     data = ep.SegmentationData(reader, ep.BandMatcher(reader, ["S1GRD"]), 32, True, replicate=2)
     model = ep.PangaeaModel(StandIn(), 2, [0, 1, 2, 3], channels=16)
-    with pytest.raises(ep.TrainingDiverged) as stop:
+    with pytest.raises(TrainingDiverged) as stop:
         ep.train_segmentation(model, data, data, epochs=3, batch_size=4, window=32, workers=0, seed=7, lr=1e30)
     said = str(stop.value)
     found = re.match(r"epoch (\d+), step (\d+): loss nan: training stopped, nothing written; the batch's samples "
@@ -563,7 +568,7 @@ def test_fewshot_checks_out_before_reading(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", "fewshot", "--root", str(tmp_path / "missing"),
                                       "--out", str(blocker / "few")])
     with pytest.raises(SystemExit):
-        ep.run_main(ep.main)
+        run_main(ep.main)
     said = capsys.readouterr().err
     assert f"--out {blocker / 'few'}: cannot write there" in said and "Traceback" not in said, said
 
@@ -574,7 +579,7 @@ def test_folders_checks_out_before_reading(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", "folders", "--root", str(tmp_path / "missing"),
                                       "--out", str(blocker / "classes")])
     with pytest.raises(SystemExit):
-        ep.run_main(ep.main)
+        run_main(ep.main)
     said = capsys.readouterr().err
     assert f"--out {blocker / 'classes'}: cannot write there" in said and "Traceback" not in said, said
 
@@ -596,7 +601,7 @@ def test_official_weights_give_the_official_backbone_features(tmp_path):
     # outside reference: TerraTorch's TerraMindViT (which PANGAEA's TerraMind encoder ports) with merge "mean",
     # on the official-format weights of the TerraMind parity fixture (tests/fixtures/make_pangaea_fixtures.py)
     tm = terramind
-    from terramesh import load_safetensors
+    from checkpoints import load_safetensors
     weights, meta = load_safetensors(ROOT / "tests/fixtures/terramind/official_swiglu64.safetensors")
     torch.save({k[6:]: v.float() for k, v in weights.items() if k.startswith("state.")}, tmp_path / "official.pt")
     enc, name = ep.load_encoder(official=str(tmp_path / "official.pt"), size=tm.TerraMindConfig(**meta["config"]))
@@ -659,7 +664,7 @@ def test_folders_and_fewshot_commands_with_terramind(tmp_path):
 
 
 def test_table6_layout_and_ranks():
-    t = ep.table6({"A": {"sen1floods11": 90.0, "mados": 60.0}, "B": {"sen1floods11": 80.0, "synth": 50.0}})
+    t = table6({"A": {"sen1floods11": 90.0, "mados": 60.0}, "B": {"sen1floods11": 80.0, "synth": 50.0}})
     lines = t.splitlines()
     assert lines[0].startswith("| Model | HLS Burns | MADOS | PASTIS | Sen1Fl11 |") and lines[0].endswith(
         "| synth | Avg. mIoU | Avg. Rank |")

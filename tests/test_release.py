@@ -19,11 +19,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
+from checkpoints import load_safetensors  # noqa: E402
 from fsq_tokenizer import TokenizerConfig  # noqa: E402
 from generate import Sampling, generate_tokens  # noqa: E402
+from modalities import standardize  # noqa: E402
 from release import convert, load_official, model_config, tokenizer_config  # noqa: E402
 from release_standins import write_release  # noqa: E402
-from terramesh import load_safetensors, read_input, standardize  # noqa: E402
+from terramesh import read_input  # noqa: E402
 from terramind import TerraMind  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "release_official.safetensors"

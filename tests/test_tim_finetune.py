@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import synthetic
-import terramesh
+from checkpoints import load_safetensors
+from geotiff import read_tiff, write_geotiff
 from terramind import TerraMind, TerraMindConfig
 from tim_finetune import TiMSegmenter, main, tim_tokens
 
@@ -132,7 +133,7 @@ def train(tmp, ckpt, data, name, *extra):
     main(["train", "--model", str(ckpt), "--data", str(data), "--classes", "land,water", "--modalities",
           "S1GRD,S2L1C", "--channels", "16", "--lr", "1e-3", "--batch-size", "8", "--log-every", "100",
           "--out", str(out), "--device", "cpu", *map(str, extra)])
-    tensors, _ = terramesh.load_safetensors(out / "model.safetensors")
+    tensors, _ = load_safetensors(out / "model.safetensors")
     return tensors, json.loads((out / "results.json").read_text())
 
 
@@ -171,7 +172,7 @@ def test_sen1floods11_format_trains(random_terramind, tmp_path):
     assert all(torch.equal(w[k], pretrained[k[8:]]) for k in w if k.startswith("encoder."))
     assert r["classes"] == ["Not Water", "Water"] and r["water"] == 1
     assert np.isfinite(r["test"]["loss"]) and r["args"]["crop"] == 256
-    label = terramesh.read_tiff(REAL / "Labels" / f"{CHIP}_LabelHand.tif")[0]
+    label = read_tiff(REAL / "Labels" / f"{CHIP}_LabelHand.tif")[0]
     water = (label == 1).sum() / (label >= 0).sum()                       # 26.7% of the labelled pixels
     # one epoch already beats the better constant map (all land: mIoU 36.6%)
     assert r["test"]["miou"] > 100 * max(water, 1 - water) / 2 and r["test"]["miou"] == pytest.approx(
@@ -183,17 +184,17 @@ def test_predict_real_chip(pretrained, tmp_path):
     (S1 channel-first float32 dB with a NaN hole, S2 13-band L1C) in 64 px sliding windows."""
     _, r = train(tmp_path, pretrained.checkpoint, pretrained.data, "chip", "--tim", "LULC", "--temperature", "0",
                  "--cache", "--epochs", "1")
-    s1, tags = terramesh.read_tiff(REAL / "S1" / f"{CHIP}_S1Hand.tif")
-    s2, _ = terramesh.read_tiff(REAL / "S2" / f"{CHIP}_S2Hand.tif")
+    s1, tags = read_tiff(REAL / "S1" / f"{CHIP}_S1Hand.tif")
+    s2, _ = read_tiff(REAL / "S2" / f"{CHIP}_S2Hand.tif")
     s1, s2 = s1.copy(), s2.astype(np.float32)
     s1[:, 100:140, 200:260] = np.nan                 # S1 no data only: fed as the mean, still predicted
     s1[:, :32, :48], s2[:, :32, :48] = np.nan, np.nan   # every input no data: the mask's no-data value
-    terramesh.write_geotiff(tmp_path / "s1.tif", s1, tags)
-    terramesh.write_geotiff(tmp_path / "s2.tif", s2, tags)
+    write_geotiff(tmp_path / "s1.tif", s1, tags)
+    write_geotiff(tmp_path / "s2.tif", s2, tags)
     out = tmp_path / "pred" / "mask.tif"
     main(["predict", "--ckpt", str(tmp_path / "chip" / "model.safetensors"), "--input", f"S1GRD={tmp_path / 's1.tif'}",
           "--input", f"S2L1C={tmp_path / 's2.tif'}", "--out", str(out), "--device", "cpu"])
-    mask, geo = terramesh.read_tiff(out)
+    mask, geo = read_tiff(out)
     assert mask.shape == (512, 512) and mask.dtype == np.uint8
     assert (mask[:32, :48] == 255).all() and set(np.unique(mask[32:])) <= {0, 1}
     assert all(geo[k] == v for k, v in tags.items() if k != 42113) and geo[42113] == "255"
@@ -209,7 +210,7 @@ def test_predict_never_overwrites_a_mask_or_overlay(tmp_path):
                                          channels=8, tile=32)
     model.save_checkpoint(tmp_path / "model.safetensors")
     image = tmp_path / "s1.tif"
-    terramesh.write_geotiff(image, np.random.default_rng(0).normal(-12, 3, (2, 40, 40)).astype(np.float32))
+    write_geotiff(image, np.random.default_rng(0).normal(-12, 3, (2, 40, 40)).astype(np.float32))
     out = tmp_path / "pred" / "mask.png"      # a .png mask: the overlay goes to mask_overlay.png
 
     def predict(*extra):
@@ -217,7 +218,7 @@ def test_predict_never_overwrites_a_mask_or_overlay(tmp_path):
               "--out", str(out), "--device", "cpu", *extra])
     predict()
     overlay = out.with_name("mask_overlay.png")
-    assert terramesh.read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
+    assert read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
     out.write_bytes(b"mine")
     with pytest.raises(ValueError, match=r"mask\.png: the file exists; pass --overwrite"):
         predict()
@@ -228,7 +229,7 @@ def test_predict_never_overwrites_a_mask_or_overlay(tmp_path):
         predict()
     assert overlay.read_bytes() == b"mine" and not out.exists()     # refused before the mask was written
     predict("--overwrite")
-    assert terramesh.read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
+    assert read_tiff(out)[0].shape == (40, 40) and overlay.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_on_the_published_layout(random_terramind, shard_world, tmp_path):
