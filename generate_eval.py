@@ -25,10 +25,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from generate_io import Timer, claim_outputs, load_stack
+from geotiff import write_text
 from metrics import haversine_km, reconstruction_metrics, water_iou
+from modalities import LULC_CLASSES, WATER, parse_coords, whole_patches
 from pangaea_datasets import read_sen1floods11
-from terramesh import (LULC_CLASSES, WATER, TerraMeshDataset, has_folder, is_shard_root,
-                       parse_coords, render, save_sheet, whole_patches, write_text)
+from pictures import save_sheet
+from render import render
+from shard_index import is_shard_root
+from terramesh import TerraMeshDataset, has_folder
 
 SEN1FLOODS11_PAIRS = "S1GRD:LULC,S2L1C:LULC,S1GRD+S2L1C:LULC,S2L1C:coords"
 UNITS = ("Physical units: S2 reflectance (0-1), S1 dB, DEM m, NDVI; PSNR/SSIM range: the ground "

@@ -33,13 +33,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import (distinct_outputs, fraction, nonnegative_float, nonnegative_int, output_file,
-                 positive_int, torch_device)
-from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS, load_tokenizers, read_header
-from terramesh import (MODALITIES, PATCH, format_coords, modality, parse_coords, render, save_sheet,
-                       standardize, write_geotiff, write_text)
+from cli import (distinct_outputs, fraction, nonnegative_float, nonnegative_int,
+                 output_file, positive_int, torch_device)
+from diffusion_decoder import DECODE_STEPS, OFFICIAL_DECODE_STEPS
+from fsq_tokenizer import load_tokenizers
+from geotiff import write_geotiff, write_text
+from modalities import (MODALITIES, PATCH, format_coords, modality, parse_coords,
+                        standardize)
+from pictures import save_sheet
+from render import render
 from terramind import TerraMind, checkpoint_file
 from text_tokenizer import EOS_ID, OFFICIAL_VOCAB, PAD_ID, WordPieceTokenizer
+from token_shards import read_header
 
 
 class Timer:

@@ -65,17 +65,17 @@ from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm import tqdm
 
 from cli import (fraction, multiple_of, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, run_main, torch_device,
-                 writable_folder)
+                 positive_float, positive_int, run_main, torch_device, writable_folder)
+from entries import ENTRY_INDEX, entry_kind
 from masking import MIXTURES, SCALES, Masking, cross_scale_overlap
+from modalities import PATCH
 from pretrain_data import PretrainData, StepBatches, available_entries, short
 from pretrain_log import (StepLog, append_rows, defer_checks, diverged, plot_log,
                           read_log, step_line, val_table)
 from pretrain_recipe import RUN_KEYS, pixel_entries, recipe, resolve
 from pretrain_state import MODEL, STATE, load_state, save_state, temp_files
-from terramesh import PATCH, is_shard_root
-from terramind import (ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig,
-                       entry_kind, flops_per_token)
+from shard_index import is_shard_root
+from terramind import PRESETS, TerraMind, TerraMindConfig, flops_per_token
 from text_tokenizer import OFFICIAL_VOCAB, WordPieceTokenizer
 
 # dense bf16 peak FLOP/s per GPU, for the MFU of the log lines

@@ -24,12 +24,13 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from fsq_tokenizer import TokenShards
+from entries import ENTRIES, entry_kind
 from masking import Masking
-from terramesh import (PATCH, TerraMeshDataset, dataset_modalities, is_shard_root,
-                       parse_coords, token_window)
-from terramind import ENTRIES, entry_kind
+from modalities import PATCH, parse_coords, token_window
+from shard_index import is_shard_root
+from terramesh import TerraMeshDataset, dataset_modalities
 from text_tokenizer import WordPieceTokenizer
+from token_shards import TokenShards
 
 TRAIN, VAL = 0, 1   # stream tags in the per-sample seeds
 

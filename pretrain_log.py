@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from cli import TrainingDiverged
-from fsq_tokenizer import read_header
 from pictures import plot_curves
 from pretrain_data import PretrainData, short
 from pretrain_state import STATE
 from terramind import TerraMindConfig
+from token_shards import read_header
 
 # test hook: "1" checks finiteness as on CUDA (deferred to log, validation and save steps)
 DEFERRED = "PRETRAIN_DEFERRED_CHECK"

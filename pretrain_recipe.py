@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 
+from entries import ENTRIES, entry_kind
 from masking import MIXTURES, parse_mixture
-from terramesh import PATCH, TerraMeshDataset
-from terramind import ENTRIES, entry_kind
+from modalities import PATCH
+from terramesh import TerraMeshDataset
 from text_tokenizer import OFFICIAL_VOCAB
 
 # The recipe per size. paper §8.2: base learning rate 2e-4, cosine over 500B

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from terramesh import expect_kind, load_safetensors, save_safetensors
+from checkpoints import expect_kind, load_safetensors, save_safetensors
 
 STATE, MODEL = "pretrain_state.safetensors", "terramind.safetensors"
 # test hook: "<point>@<step>" SIGKILLs this process at that point of save_state

@@ -17,9 +17,9 @@ import json
 import math
 from pathlib import Path
 
-from fsq_tokenizer import read_header
-from terramesh import write_text
+from geotiff import write_text
 from terramind import TerraMindConfig
+from token_shards import read_header
 
 
 def row(stage: str, metric: str, value, baseline=None, higher_is_better=True,

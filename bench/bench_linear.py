@@ -31,9 +31,10 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cpu_linear  # noqa: E402
 import pretrain  # noqa: E402
+from entries import ENTRIES, entry_kind  # noqa: E402
 from masking import Masking  # noqa: E402
-from terramesh import MODALITIES  # noqa: E402
-from terramind import ENTRIES, TerraMind, TerraMindConfig, entry_kind  # noqa: E402
+from modalities import MODALITIES  # noqa: E402
+from terramind import TerraMind, TerraMindConfig  # noqa: E402
 
 SHAPES = {  # name: (tokens, in features, out features)
     "qkv 192->576": (2048, 192, 576),

@@ -32,11 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pretrain  # noqa: E402
+from entries import ENTRIES, OFFICIAL_INPUTS, OFFICIAL_TARGETS, entry_kind  # noqa: E402
 from masking import Masking  # noqa: E402
-from terramesh import MODALITIES  # noqa: E402
-from terramind import ENTRIES, OFFICIAL_INPUTS, OFFICIAL_TARGETS, PRESETS, TerraMind, TerraMindConfig, entry_kind, \
-    flops_per_token  # noqa: E402
-from text_tokenizer import WordPieceTokenizer  # noqa: E402
+from modalities import MODALITIES  # noqa: E402
+from pretrain_data import PretrainData, StepBatches, available_entries  # noqa: E402
+from terramind import PRESETS, TerraMind, TerraMindConfig, flops_per_token  # noqa: E402
+from text_tokenizer import OFFICIAL_VOCAB, WordPieceTokenizer  # noqa: E402
 
 
 def flops_table():
@@ -103,19 +104,19 @@ def tiny_vs_official(args):
 
 def loader_vs_model(args):
     print(f"== data path vs model on {args.data} (tokens {args.tokens}), samples/s")
-    text = WordPieceTokenizer.from_file(args.text_tokenizer or pretrain.OFFICIAL_VOCAB)
-    entries, shards = pretrain.available_entries(args.data, args.tokens, lambda s: print(" ", s.strip()))
+    text = WordPieceTokenizer.from_file(args.text_tokenizer or OFFICIAL_VOCAB)
+    entries, shards = available_entries(args.data, args.tokens, lambda s: print(" ", s.strip()))
     targets = tuple(e for e in entries if entry_kind(e) != "pixels")
-    probe = pretrain.PretrainData(args.data, "train", shards, text, Masking(entries, targets, 64, 64, "mix", 4), 64,
+    probe = PretrainData(args.data, "train", shards, text, Masking(entries, targets, 64, 64, "mix", 4), 64,
                                   0, True)
     tile = probe.ds[0][next(m for m in probe.ds.modalities if MODALITIES[m].kind == "image")].shape[-1]
     grid = tile // 16
     budget = min(256, 4 * grid * grid)
     masking = Masking(entries, targets, budget, budget, "mix", grid)
-    data = pretrain.PretrainData(args.data, "train", shards, text, masking, tile, 0, True)
+    data = PretrainData(args.data, "train", shards, text, masking, tile, 0, True)
     B, n = args.batch_size, args.loader_batches
     for workers in (0, 1, 2):
-        loader = DataLoader(data, batch_sampler=pretrain.StepBatches(0, n + 2, 0, 1, B, 1), num_workers=workers,
+        loader = DataLoader(data, batch_sampler=StepBatches(0, n + 2, 0, 1, B, 1), num_workers=workers,
                             collate_fn=default_collate)
         it = iter(loader)
         next(it), next(it)                          # worker start-up and first batches excluded

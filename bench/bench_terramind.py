@@ -56,7 +56,7 @@ def official_tiny():
     from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO
     from terratorch.models.backbones.terramind.model.terramind import TerraMind as Official
     from terratorch.models.backbones.terramind.model.tm_utils import LayerNorm
-    from terramind import OFFICIAL_INPUTS, OFFICIAL_TARGETS, official_key
+    from entries import OFFICIAL_INPUTS, OFFICIAL_TARGETS, official_key
 
     info = {official_key(e): {**MODALITY_INFO[official_key(e)]} for e in OFFICIAL_INPUTS}
     for v in info.values():
@@ -77,8 +77,8 @@ def official_tiny():
 def make_batch(batch_size, n_in, n_tgt):
     from torch.utils.data import default_collate
     from masking import Masking
-    from terramesh import MODALITIES
-    from terramind import OFFICIAL_INPUTS, OFFICIAL_TARGETS, entry_kind
+    from modalities import MODALITIES
+    from entries import OFFICIAL_INPUTS, OFFICIAL_TARGETS, entry_kind
 
     g = torch.Generator().manual_seed(0)
     masking = Masking(OFFICIAL_INPUTS, OFFICIAL_TARGETS, n_in, n_tgt, alphas="all2all", grid=14)

@@ -36,9 +36,10 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pretrain  # noqa: E402
+from entries import ENTRIES, entry_kind  # noqa: E402
 from masking import Masking  # noqa: E402
-from terramesh import MODALITIES, PATCH  # noqa: E402
-from terramind import ENTRIES, TerraMind, TerraMindConfig, entry_kind, flops_per_token  # noqa: E402
+from modalities import MODALITIES, PATCH  # noqa: E402
+from terramind import TerraMind, TerraMindConfig, flops_per_token  # noqa: E402
 
 
 def make_batches(config, n_batches, batch_size, budget, seed=0):

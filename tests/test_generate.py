@@ -7,11 +7,12 @@ import pytest
 import safetensors
 import torch
 
-from generate import (Sampling, cosine_schedule, filter_logits, generate_tokens, linear_schedule, merge_span,
-                      temperature_schedule, window_starts)
+from checkpoints import load_safetensors
+from generate import (Sampling, cosine_schedule, filter_logits, generate_tokens,
+                      linear_schedule, merge_span, temperature_schedule)
 from metrics import haversine_km, water_iou
-from terramesh import load_safetensors
 from terramind import TerraMind, TerraMindConfig
+from windows import window_starts
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 ARGMAX = Sampling(steps=1, temperature=0.0)
@@ -20,7 +21,7 @@ OFFICIAL = Sampling(steps=1, temperature=0.0, coords_layout=False)   # upstream 
 
 def official_outputs() -> tuple[dict, dict]:
     """The official sampler's outputs (tests/fixtures/generate_make_official.py). Read without
-    terramesh.load_safetensors' divergence check: filtered logits are -inf by design."""
+    checkpoints.load_safetensors' divergence check: filtered logits are -inf by design."""
     with safetensors.safe_open(str(FIX / "generate_official.safetensors"), "pt") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
         return {k: f.get_tensor(k) for k in f.keys()}, meta
@@ -218,7 +219,8 @@ def test_command_line_geotiffs_sheet_and_eval(stack, pretrained, tokenizers, tmp
 
     import numpy as np
 
-    from terramesh import parse_coords, read_tiff, write_geotiff
+    from geotiff import read_tiff, write_geotiff
+    from modalities import parse_coords
     model, toks, text, test = stack
     tags = {33550: (10.0, 10.0, 0.0), 33922: (0.0, 0.0, 0.0, 549892.5, 6344077.5, 0.0),
             34737: "WGS 84 / UTM zone 32N|WGS 84|"}                       # pixel size, tie point, CRS citation
@@ -276,7 +278,9 @@ def test_tokenized_inputs_enter_through_the_tokenizer():
     embedding, and generation from it equals generation from the tokenizer's ids; `eval` runs a pair at both
     scales only where the model and the tokenizers allow both (random-init smoke model and tokenizers)."""
     from fsq_tokenizer import ImageTokenizer, TokenizerConfig
-    from generate import Timer, generate, scaled_pairs, to_entries
+    from generate import generate
+    from generate_eval import scaled_pairs
+    from generate_io import Timer, to_entries
     torch.manual_seed(0)
     model = TerraMind(TerraMindConfig.preset("smoke")).eval()
     toks = {m: ImageTokenizer(TokenizerConfig.preset("smoke", m)).eval() for m in ("S2L2A", "LULC")}
@@ -306,7 +310,7 @@ def test_outputs_are_never_overwritten_without_the_flag(tmp_path, monkeypatch, c
     import cli
     import generate
     from fsq_tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_path
-    from terramesh import read_tiff, write_geotiff
+    from geotiff import read_tiff, write_geotiff
     torch.manual_seed(0)
     TerraMind(TerraMindConfig.preset("smoke")).save_checkpoint(tmp_path / "terramind.safetensors")
     ImageTokenizer(TokenizerConfig.preset("smoke", "LULC")).save_checkpoint(tokenizer_path(tmp_path, "LULC"))

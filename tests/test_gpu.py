@@ -15,9 +15,10 @@ import torch
 
 import pretrain
 import pretrain_log
+from entries import entry_kind
 from masking import Masking
-from terramesh import MODALITIES
-from terramind import TerraMind, TerraMindConfig, entry_kind
+from modalities import MODALITIES
+from terramind import TerraMind, TerraMindConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from terramesh import load_safetensors
-from terramind import SEQ_POSITIONS, TerraMind, sincos_1d, sincos_2d
+from checkpoints import load_safetensors
+from positions import SEQ_POSITIONS, sincos_1d, sincos_2d
+from terramind import TerraMind
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ROOT / "assets" / "official" / "keys" / "terramind_tiny_keys.txt"

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from fsq_tokenizer import read_header as header
-from terramesh import is_shard_root, read_tiff
+from geotiff import read_tiff
+from shard_index import is_shard_root
+from token_shards import read_header as header
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = {"N": "300", "TOKENIZER_STEPS": "100", "PRETRAIN_STEPS": "200", "EPOCHS": "2", "EVAL_N": "16",

@@ -22,11 +22,12 @@ import pretrain_data
 import pretrain_log
 import pretrain_recipe
 import pretrain_state
-from fsq_tokenizer import TokenShards
+from entries import ENTRY_INDEX, entry_kind
 from masking import Masking
-from terramesh import MODALITIES
-from terramind import ENTRY_INDEX, TerraMind, TerraMindConfig, entry_kind
+from modalities import MODALITIES
+from terramind import TerraMind, TerraMindConfig
 from text_tokenizer import WordPieceTokenizer
+from token_shards import TokenShards
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--size", "smoke", "--batch-size", 4, "--total-batch-size", 8, "--lr", 2e-3, "--workers", 0,

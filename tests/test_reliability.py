@@ -24,7 +24,9 @@ import terramesh
 import text_tokenizer
 import tim_finetune
 from fsq_tokenizer import ImageTokenizer, TokenizerConfig
+from geotiff import read_tiff, write_geotiff
 from terramind import TerraMind, TerraMindConfig
+from token_shards import TokenShards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +112,7 @@ def world_with(tmp_path, modality, x, dtype) -> tuple:
     """A one-sample TerraMesh folder whose `modality` tile holds x (C, H, W) stored as dtype."""
     path = tmp_path / modality / "a.tif"
     path.parent.mkdir(parents=True)
-    terramesh.write_geotiff(path, np.asarray(x, dtype))
+    write_geotiff(path, np.asarray(x, dtype))
     return terramesh.TerraMeshDataset(tmp_path, size=None), path
 
 
@@ -158,7 +160,7 @@ def test_s1_nan_stays_counted_no_data_and_plausible_tiles_read_silently(tmp_path
 
 def test_generation_inputs_and_captions_name_the_file(tmp_path):
     path = tmp_path / "s1.tif"
-    terramesh.write_geotiff(path, np.where(np.arange(2048).reshape(2, 32, 32) == 0, np.inf, s1()).astype(np.float32))
+    write_geotiff(path, np.where(np.arange(2048).reshape(2, 32, 32) == 0, np.inf, s1()).astype(np.float32))
     with pytest.raises(ValueError, match=r"s1\.tif: 1 infinite values in S1GRD"):
         terramesh.read_input("S1GRD", str(path))
     caption = tmp_path / "caption" / "a.txt"
@@ -340,7 +342,7 @@ def test_synth_refuses_a_non_empty_folder_and_overwrite_leaves_no_old_tile(tmp_p
                                       "--workers", "1", "--overwrite"])
     terramesh.main()
     assert sorted(p.name for p in (tmp_path / "DEM").iterdir()) == ["00000.tif", "00001.tif"]
-    assert terramesh.read_tiff(tmp_path / "DEM" / "00000.tif")[0].shape[:2] == (16, 16)
+    assert read_tiff(tmp_path / "DEM" / "00000.tif")[0].shape[:2] == (16, 16)
     assert (tmp_path / "notes.txt").read_text() == "mine"                        # not the command's file
 
 
@@ -354,7 +356,7 @@ def test_seg_checks_out_before_training(tmp_path, monkeypatch, capsys):
 
 def test_predict_never_writes_over_an_input(tmp_path):
     image = tmp_path / "s1.tif"
-    terramesh.write_geotiff(image, s1().astype(np.float32))
+    write_geotiff(image, s1().astype(np.float32))
     before = image.read_bytes()
     model = tim_finetune.TiMSegmenter.from_pretrained(TerraMind(TerraMindConfig.preset("smoke")),
                                                       modalities=("S1GRD",), tim=(), channels=8, tile=32)
@@ -373,15 +375,15 @@ def test_tokenize_encodes_a_changed_tile_again(tokenizers, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert "(1 shards written, 0 already done)" in first.stdout, first.stderr[-2000:]
-    before = fsq_tokenizer.TokenShards(out).get("DEM", "00003")
+    before = TokenShards(out).get("DEM", "00003")
     tile = data / "DEM" / "00003.tif"
-    x, geo = terramesh.read_tiff(tile)
-    terramesh.write_geotiff(tile, (x[::-1] + 500).astype(x.dtype), geo)      # fixed: another tile, same size
+    x, geo = read_tiff(tile)
+    write_geotiff(tile, (x[::-1] + 500).astype(x.dtype), geo)      # fixed: another tile, same size
     stat = tile.stat()
     os.utime(tile, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))           # coarse clocks: a later mtime
     again = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert "(1 shards written, 0 already done)" in again.stdout, again.stdout + again.stderr[-2000:]
-    after = fsq_tokenizer.TokenShards(out).get("DEM", "00003")
+    after = TokenShards(out).get("DEM", "00003")
     assert not torch.equal(before, after)
     same = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert "(0 shards written, 1 already done)" in same.stdout

@@ -11,7 +11,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import pretrain
-from terramind import ENTRY_INDEX, PRESETS, TerraMind, TerraMindConfig
+from entries import ENTRY_INDEX
+from terramind import PRESETS, TerraMind, TerraMindConfig
 from test_terramind import rel, smoke_batch
 
 HOST_SYNCS = {"item", "tolist", "nonzero", "unique", "__bool__", "aten._local_scalar_dense.default"}
