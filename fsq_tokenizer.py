@@ -49,21 +49,19 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-import terramesh
+import modalities
+from checkpoints import expect_kind, load_safetensors, save_safetensors
 from cli import (decay, nonnegative_float, nonnegative_int, output_file, positive_float,
                  positive_int, run_main, torch_device, writable_folder)
 from diffusion_decoder import DECODE_STEPS, OFFICIAL_DECODE_STEPS, DiffusionDecoder
-from terramesh import expect_kind, load_safetensors, save_safetensors
+from modalities import LULC_CLASSES, TOKENIZED_IMAGES
 from token_shards import read_header, write_token_shards
 from tokenizer_data import crop_sizes, dataset
 from tokenizer_eval import reconstruct
-from tokenizer_training import (AUTOCAST, TRAIN_DEFAULTS, augment, backward, diverged, log_line,
-                                lr_at, make_loader, make_optimizer, resume, save_state,
-                                setup_distributed, start_ema, train_recipe, train_state_path,
-                                update_ema, wrap_ddp)
-# re-exported: pretraining, generation and tests import these from here
-from token_shards import TokenShards  # noqa: F401, E402
-from tokenizer_data import random_crop, token_window  # noqa: F401, E402
+from tokenizer_training import (AUTOCAST, TRAIN_DEFAULTS, augment, backward, diverged,
+                                log_line, lr_at, make_loader, make_optimizer, resume,
+                                save_state, setup_distributed, start_ema, train_recipe,
+                                train_state_path, update_ema, wrap_ddp)
 
 # -----------------------------------------------------------------------------------------------
 # Finite scalar quantization
@@ -223,7 +221,7 @@ class ViTDecoder(ViT):
 
 @dataclass
 class TokenizerConfig:
-    modality: str = "S2L2A"      # channels, FSQ levels and decoder from terramesh.MODALITIES
+    modality: str = "S2L2A"      # channels, FSQ levels and decoder from modalities.MODALITIES
     image_size: int = 256        # position tables built for it (official 256); inputs: x16
     enc_dim: int = 768
     enc_depth: int = 12
@@ -241,9 +239,9 @@ class TokenizerConfig:
     def preset(size: str, modality: str) -> "TokenizerConfig":
         if size not in PRESETS:
             raise ValueError(f"unknown tokenizer size {size!r}; presets: {', '.join(PRESETS)}")
-        if terramesh.modality(modality).fsq_levels is None:
+        if modalities.modality(modality).fsq_levels is None:
             raise ValueError(f"{modality} has no image tokenizer; "
-                             f"those are {terramesh.TOKENIZED_IMAGES}")
+                             f"those are {TOKENIZED_IMAGES}")
         return replace(PRESETS[size], modality=modality)
 
 
@@ -269,10 +267,10 @@ class ImageTokenizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        m, grid = terramesh.modality(cfg.modality), cfg.image_size // 16
+        m, grid = modalities.modality(cfg.modality), cfg.image_size // 16
         self.cfg, self.modality = cfg, m.name
         # LULC: one-hot classes
-        self.channels = len(terramesh.LULC_CLASSES) if m.name == "LULC" else m.channels
+        self.channels = len(LULC_CLASSES) if m.name == "LULC" else m.channels
         self.encoder = ViTEncoder(self.channels, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads,
                                   grid)
         self.quant_proj = nn.Conv2d(cfg.enc_dim, cfg.latent_dim, 1)
@@ -388,7 +386,7 @@ def tokenizer_path(folder, modality: str) -> Path:
 def load_tokenizers(folder, modalities=None, device="cpu") -> dict[str, ImageTokenizer]:
     """{modality: ImageTokenizer} for every tokenizer_<MOD>.safetensors in `folder`
     (or exactly `modalities`)."""
-    found = [m for m in terramesh.TOKENIZED_IMAGES if tokenizer_path(folder, m).exists()]
+    found = [m for m in TOKENIZED_IMAGES if tokenizer_path(folder, m).exists()]
     names = modalities or found
     missing = [m for m in names if not tokenizer_path(folder, m).exists()]
     if missing or not names:
@@ -512,7 +510,7 @@ def main():
 
     p = sub.add_parser("train", parents=[common],
                        help="train tokenizers, one modality after the other")
-    p.add_argument("--modality", nargs="+", required=True, choices=terramesh.TOKENIZED_IMAGES,
+    p.add_argument("--modality", nargs="+", required=True, choices=TOKENIZED_IMAGES,
                    help="modalities")
     p.add_argument("--size", default="tiny", choices=list(PRESETS), help="architecture preset")
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -551,7 +549,7 @@ def main():
 
     p = sub.add_parser("reconstruct", parents=[common],
                        help="input | reconstruction pictures and metrics")
-    p.add_argument("--modality", required=True, choices=terramesh.TOKENIZED_IMAGES,
+    p.add_argument("--modality", required=True, choices=TOKENIZED_IMAGES,
                    help="image modality")
     p.add_argument("--tokenizers", required=True,
                    help="folder with tokenizer_<MOD>.safetensors")

@@ -20,8 +20,8 @@ This file holds
     `captions` writes the captions as one text file (a --corpus for text_tokenizer.py).
 
 The modality table lives in modalities.py, GeoTIFF and text I/O in geotiff.py, checkpoint files
-in checkpoints.py and pictures in render.py; this file re-exports their names, so `from
-terramesh import MODALITIES` keeps working for every stage.
+in checkpoints.py and pictures in render.py and pictures.py; a stage imports those names from
+the file that defines them (`from modalities import MODALITIES`).
 
     python terramesh.py synth --out data/synth --n 2000 --size 64    # CPU, seconds
     python terramesh.py synth --layout shards --out data/synth264 --n 400 --size 264
@@ -46,26 +46,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-# re-exported: the stages import these names from terramesh
-from checkpoints import (CHECKPOINT_KINDS, checkpoint_kind, expect_kind,  # noqa: F401
-                         load_safetensors, save_safetensors)
 from cli import nonnegative_int, output_file, positive_int, run_main
-from geotiff import (GEO_TAGS, TIFF_LAYOUT, read_text, read_tiff,  # noqa: F401
-                     to_channels_first, write_geotiff, write_text)
-from modalities import (BARE, BUILT, CLOUDS, CROPS, FLOODED,  # noqa: F401
-                        IMAGE_MODALITIES, LULC_CLASSES, LULC_COLORS, MODALITIES,
-                        NAN_NO_DATA, NO_DATA, PATCH, PIXEL_MODALITIES, RANGE,
-                        RESCALED, S2_BAND_CODES, S2_BANDS, SEQUENCE_MODALITIES,
-                        SNOW, TILE, TOKEN_MODALITIES, TOKENIZED_IMAGES, TREES,
-                        WATER, Modality, check_values, destandardize,
-                        format_coords, modality, modality_names, parse_coords,
-                        standardize, token_window, whole_patches)
-from pictures import ramp, save_png, save_sheet  # noqa: F401
+from geotiff import read_text, read_tiff, to_channels_first, write_geotiff, write_text
+from modalities import (IMAGE_MODALITIES, LULC_CLASSES, MODALITIES, PATCH,
+                        SEQUENCE_MODALITIES, check_values, format_coords, modality,
+                        modality_names, parse_coords, standardize)
+from pictures import save_sheet
 from render import render
-from shard_index import (SPLITS, FirstMember, Member, index_layout,  # noqa: F401
-                         is_shard_root, layout_folders, read_member)
+from shard_index import (SPLITS, FirstMember, Member, index_layout, is_shard_root,
+                         layout_folders, read_member)
 from synthetic import synthesize, synthesize_shards
 from terramesh_shards import read_sample
+# re-exported until windows.py and tests/test_scene.py import them from their own files
+from geotiff import GEO_TAGS  # noqa: F401
+from modalities import destandardize  # noqa: F401
 
 
 def read_input(name: str, value):

@@ -78,13 +78,13 @@ from torch import nn
 import heads
 import official
 from blocks import Block, DecoderBlock, layer_norm
+from checkpoints import expect_kind, load_safetensors, save_safetensors
 from cli import positive_int, run_main
 from cpu_linear import Linear, linear
-# the entries and position tables are part of this file's API too (`from terramind import ENTRIES`)
-from entries import (ENTRIES, ENTRY_INDEX, OFFICIAL_INPUTS,  # noqa: F401
-                     OFFICIAL_TARGETS, PAD, entry_kind, entry_modality, official_key)
+from entries import (ENTRIES, ENTRY_INDEX, OFFICIAL_INPUTS, OFFICIAL_TARGETS, PAD,
+                     entry_kind, entry_modality)
+from modalities import PATCH
 from positions import SEQ_POSITIONS, resize_positions, sincos_1d, sincos_2d
-from terramesh import PATCH, expect_kind, load_safetensors, save_safetensors
 
 # ------------------------------------------------------------------------------------------------
 # Configuration

@@ -49,23 +49,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float, nonnegative_int,
-                 positive_float, positive_int, run_main, torch_device, writable_folder)
+from checkpoints import expect_kind, load_safetensors, save_safetensors
+from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float,
+                 nonnegative_int, positive_float, positive_int, run_main, torch_device,
+                 writable_folder)
 from eval_pangaea import default_layers
 from generate import Sampling, generate_tokens
 from metrics import confusion_matrix, segmentation_scores
+from modalities import MODALITIES, PATCH, TOKENIZED_IMAGES, modality_names
 from pangaea_datasets import OPTICAL
 from pangaea_decoders import UPerNet
 from pangaea_reports import save_prediction, table8, write_json
 from pictures import plot_curves, save_png
+from render import render
 from scene import Raster
 from sliding_windows import sliding_inference
-from terramesh import (MODALITIES, PATCH, TOKENIZED_IMAGES, expect_kind, load_safetensors,
-                       modality_names, render, save_safetensors)
 from terramind import TerraMind, TerraMindConfig
 from tim_data import IGNORE, TiMData, readers
-from tim_scene import (NODATA, OVERLAY_MAX, check_inputs, class_shares,  # noqa: F401
-                       overlay, predict, predict_outputs, predict_scene)
+from tim_scene import (OVERLAY_MAX, check_inputs, class_shares, overlay, predict_outputs,
+                       predict_scene)
+# re-exported until tests/test_scene.py imports them from tim_scene.py
+from tim_scene import NODATA, predict  # noqa: F401
 
 PIXELS = [m for m in MODALITIES if MODALITIES[m].pixel_key]
 
@@ -273,7 +277,7 @@ def _flat(v):
 
 
 def save_state(path, model, opt, sched, meta: dict, rngs: dict):
-    """Model, AdamW, scheduler, RNGs and the epoch, atomic (terramesh.save_safetensors); 0-d
+    """Model, AdamW, scheduler, RNGs and the epoch, atomic (checkpoints.save_safetensors); 0-d
     tensors as (1,)."""
     opt_sd = opt.state_dict()
     tensors = {f"model.{k}": _flat(v) for k, v in model.state_dict().items()}
