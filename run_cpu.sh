@@ -31,7 +31,7 @@ took() { echo -e "$1\t$SECONDS" >> "$OUT/times.tsv"; }
 
 stage "1/8 data: the synthetic TerraMesh world, $N tiles of 64 px, in the published layout"
 $PY terramesh.py synth --layout shards --out "$DATA" --n "$N" --size 64 --overwrite
-$PY terramesh.py show --root "$DATA" --id 00005 --out "$OUT/sample.png"
+$PY terramesh.py show --root "$DATA" --id 00005 --out "$OUT/sample.png" --overwrite
 took data
 
 stage "2/8 image tokenizers: FSQ encoders with diffusion decoders (LULC: ViT decoder)"

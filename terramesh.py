@@ -590,6 +590,7 @@ def main():
     p.add_argument("--out", default="sample.png", help="output PNG")
     p.add_argument("--max-size", type=positive_int, default=None,
                    help="subsample larger tiles to this many pixels")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p = sub.add_parser("export", help="write one sample's tiles as GeoTIFFs <out>/<MOD>.tif")
     p.add_argument("--root", required=True, help="TerraMesh folder (either layout)")
     p.add_argument("--id", default=None,
@@ -612,6 +613,7 @@ def main():
     elif args.command == "stats":
         print_stats(args.root, args.limit)
     elif args.command == "show":
+        output_file(args.out, "--out", args.overwrite)               # before any work
         _show(args.root, args.id, args.out, args.max_size)
     elif args.command == "export":
         names = args.modality.split(",") if args.modality else None

@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from cli import output_file, positive_int, run_main
-from terramesh import format_coords, parse_coords, write_text
+from geotiff import write_text
+from modalities import format_coords, parse_coords
 from wordpiece_training import alphabet, count_words, learn_merges
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 world's physical correlations, pictures and checkpoints."""
 import re
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -19,6 +21,8 @@ from modalities import (CLOUDS, CROPS, LULC_CLASSES, LULC_COLORS, MODALITIES, SN
                         parse_coords, standardize)
 from pictures import save_png, save_sheet
 from render import render
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 SPEC = ASSETS / "official" / "standardization.md"
@@ -352,6 +356,20 @@ def test_show_command(tmp_path, world, capsys):
     assert _read_png(tmp_path / "s.png").shape[1] > 9 * 128
     with pytest.raises(FileNotFoundError, match="no sample with id"):
         tm._show(world, "nope", tmp_path / "t.png")
+
+
+def test_show_never_replaces_a_file_without_overwrite(tmp_path, world):
+    """The PNG of `show` is refused where a file exists, before any tile is read; --overwrite replaces it."""
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"a user's file")
+    cmd = [sys.executable, str(ROOT / "terramesh.py"), "show", "--root", str(world), "--id", "00003",
+           "--out", str(out)]
+    refused = subprocess.run(cmd, capture_output=True, text=True)
+    assert refused.returncode == 1 and "the file exists; pass --overwrite" in refused.stderr
+    assert out.read_bytes() == b"a user's file"
+    replaced = subprocess.run(cmd + ["--overwrite"], capture_output=True, text=True)
+    assert replaced.returncode == 0, replaced.stderr
+    assert _read_png(out).shape[1] > 9 * 128
 
 
 def test_stats_match_computed(world):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import modalities
 import synthetic
-import terramesh
 from text_tokenizer import (EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, read_corpus,
                             sentinel_id)
 
@@ -104,8 +104,8 @@ def test_bad_coordinates_raise(official, lon, lat, error):
 def test_bad_coordinate_inputs_raise(official):
     with pytest.raises(TypeError, match="parse_coords"):
         official.encode_coords("lat=35.75 lon=-120.25", None)
-    with pytest.raises(ValueError, match="cannot parse coords"):   # malformed text, via terramesh.parse_coords
-        official.encode_coords(*terramesh.parse_coords("lat=35.75, lon=-120.25"))
+    with pytest.raises(ValueError, match="cannot parse coords"):   # malformed text, via modalities.parse_coords
+        official.encode_coords(*modalities.parse_coords("lat=35.75, lon=-120.25"))
     with pytest.raises(ValueError, match="expected a lat= and a lon= token"):
         official.decode_coords([5164, 4707, 3])   # lon first
     with pytest.raises(ValueError, match="expected a lat= and a lon= token"):
@@ -212,9 +212,9 @@ def test_coordinate_batches(official):
 def test_synthetic_world_coords_text(official, synth_captions):
     _, coords = synth_captions
     for text in coords[:50]:
-        ids = official.encode_coords(*terramesh.parse_coords(text))
+        ids = official.encode_coords(*modalities.parse_coords(text))
         assert ids == official.encode(text + " [EOS]")
-        assert terramesh.format_coords(*official.decode_coords(ids)) == text
+        assert modalities.format_coords(*official.decode_coords(ids)) == text
 
 
 # -----------------------------------------------------------------------------------------------------------
