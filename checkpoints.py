@@ -121,3 +121,18 @@ def _crc32(tensors: dict) -> int:
         data = t.view(torch.uint8).numpy() if t.numel() else b""
         crc = zlib.crc32(data, zlib.crc32(k.encode(), crc))
     return crc
+
+
+def optimizer_state(tensors: dict, meta: dict) -> dict:
+    """The AdamW state_dict of a training state written as flat tensors `opt.<id>.<name>`
+    with `opt_ids` and `opt_groups` in its metadata (pretrain and TiM states): per parameter
+    id its tensors, `step` back to a 0-d tensor."""
+    state = {}
+    for i in meta["opt_ids"]:
+        prefix = f"opt.{i}."
+        entries = {}
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                entries[k.split(".", 2)[2]] = v.reshape(()) if k.endswith(".step") else v
+        state[int(i)] = entries
+    return {"param_groups": meta["opt_groups"], "state": state}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import expect_kind, load_safetensors, save_safetensors
+from checkpoints import expect_kind, load_safetensors, optimizer_state, save_safetensors
 
 STATE, MODEL = "pretrain_state.safetensors", "terramind.safetensors"
 # test hook: "<point>@<step>" SIGKILLs this process at that point of save_state
@@ -126,13 +126,5 @@ def load_state(path: Path, device="cpu"):
         raise ValueError(f"{e}{hint}") from None
     tensors = {k: v.clone() for k, v in tensors.items()}
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    state = {}
-    for i in meta["opt_ids"]:
-        prefix = f"opt.{i}."
-        moments = {}
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                moments[k.split(".", 2)[2]] = v.reshape(()) if k.endswith(".step") else v
-        state[int(i)] = moments
     rng = {k: v.cpu() for k, v in tensors.items() if k.startswith("rng.")}
-    return model, {"state": state, "param_groups": meta["opt_groups"]}, rng, meta
+    return model, optimizer_state(tensors, meta), rng, meta

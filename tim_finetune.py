@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from checkpoints import expect_kind, load_safetensors, save_safetensors
+from checkpoints import expect_kind, load_safetensors, optimizer_state, save_safetensors
 from cli import (TrainingDiverged, fraction, multiple_of, nonnegative_float,
                  nonnegative_int, positive_float, positive_int, run_main, torch_device,
                  writable_folder)
@@ -290,19 +290,6 @@ def save_state(path, model, opt, sched, meta: dict, rngs: dict):
                                      "sched": sched.state_dict()})
 
 
-def _optimizer_state(tensors: dict, meta: dict) -> dict:
-    """The AdamW state_dict that save_state flattened: per parameter id, its tensors (step 0-d)."""
-    state = {}
-    for i in meta["opt_ids"]:
-        prefix = f"opt.{i}."
-        entries = {}
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                entries[k.split(".", 2)[2]] = v.reshape(()) if k.endswith(".step") else v
-        state[int(i)] = entries
-    return {"param_groups": meta["opt_groups"], "state": state}
-
-
 def load_state(path, model, opt, sched, tim_rng, device) -> dict:
     """Restores what save_state wrote into the live objects -> its metadata; refuses another
     configuration."""
@@ -314,7 +301,7 @@ def load_state(path, model, opt, sched, tim_rng, device) -> dict:
     want = model.state_dict()
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict({k: v.reshape(want[k].shape) for k, v in weights.items()})
-    opt.load_state_dict(_optimizer_state(tensors, meta))
+    opt.load_state_dict(optimizer_state(tensors, meta))
     sched.load_state_dict(meta["sched"])
     torch.set_rng_state(tensors["rng.torch"].cpu())
     tim_rng.set_state(tensors["rng.tim"].cpu())

@@ -562,26 +562,17 @@ def test_a_diverged_step_names_the_step_and_the_batch_files(tmp_path):
     assert all(Path(f).exists() for files in named for f in files)
 
 
-def test_fewshot_checks_out_before_reading(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["fewshot", "folders"])
+def test_out_is_checked_before_reading(tmp_path, monkeypatch, capsys, command):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", "fewshot", "--root", str(tmp_path / "missing"),
-                                      "--out", str(blocker / "few")])
+    out = blocker / "out"
+    monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", command, "--root", str(tmp_path / "missing"),
+                                      "--out", str(out)])
     with pytest.raises(SystemExit):
         run_main(ep.main)
     said = capsys.readouterr().err
-    assert f"--out {blocker / 'few'}: cannot write there" in said and "Traceback" not in said, said
-
-
-def test_folders_checks_out_before_reading(tmp_path, monkeypatch, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    monkeypatch.setattr(sys, "argv", ["eval_pangaea.py", "folders", "--root", str(tmp_path / "missing"),
-                                      "--out", str(blocker / "classes")])
-    with pytest.raises(SystemExit):
-        run_main(ep.main)
-    said = capsys.readouterr().err
-    assert f"--out {blocker / 'classes'}: cannot write there" in said and "Traceback" not in said, said
+    assert f"--out {out}: cannot write there" in said and "Traceback" not in said, said
 
 
 def test_terramind_smoke_features_and_layers():
