@@ -573,6 +573,7 @@ def main():
         for m in args.modality:
             train(args, m)
         if torch.distributed.is_initialized():
+            torch.distributed.barrier()   # why: Pretraining.finish in pretrain.py
             torch.distributed.destroy_process_group()
         return
     args.batch_size = args.batch_size or 32

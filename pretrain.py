@@ -471,6 +471,11 @@ class Pretraining:
             self.log(f"wrote {self.out / MODEL}, {self.out / STATE}, {self.log_path}, "
                      f"{self.out / 'loss.png'}, {self.out / 'val.png'}")
         if self.world > 1:
+            # gloo's worker threads drop their last tensors after a collective
+            # returns, and that needs the GIL: a rank that ran straight into
+            # interpreter exit aborted ("terminate called without an active
+            # exception"). The barrier waits, GIL released, for those threads.
+            dist.barrier()
             dist.destroy_process_group()
 
 
