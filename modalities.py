@@ -20,6 +20,7 @@ It reads and writes nothing; every other file imports it, directly or through te
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -151,12 +152,16 @@ def check_values(name: str, x: np.ndarray, path, nan_ok: bool | None = None):
     physical range get a warning.
     """
     integer = np.issubdtype(x.dtype, np.integer)
-    finite = x
-    if not integer:
-        finite = _finite_values(name, x, path, nan_ok)
-    if finite.size == 0:
+    if x.size == 0:
         return
-    lo, hi = float(finite.min()), float(finite.max())
+    # min and max carry NaN and inf through, so a finite pair clears the whole tile
+    lo, hi = float(x.min()), float(x.max())
+    finite = x
+    if not (integer or math.isfinite(lo) and math.isfinite(hi)):
+        finite = _finite_values(name, x, path, nan_ok)
+        if finite.size == 0:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
     if name == "LULC" and not integer:
         _check_float_classes(x, finite, lo, hi, path)
     if name in RESCALED and not integer and -0.01 <= lo and hi <= 1.5:
@@ -248,7 +253,10 @@ def standardize(name: str, x, axis: int = -3):
     mean, std = _stats(name, x, axis)
     if isinstance(x, torch.Tensor):
         return (x.float() - mean) / std
-    return (x.astype(np.float32) - mean) / std
+    x = x.astype(np.float32)   # a new array: the steps below work in place
+    x -= mean
+    x /= std
+    return x
 
 
 def destandardize(name: str, x, axis: int = -3):

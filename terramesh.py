@@ -57,9 +57,6 @@ from shard_index import (SPLITS, FirstMember, Member, index_layout, is_shard_roo
                          layout_folders, read_member)
 from synthetic import synthesize, synthesize_shards
 from terramesh_shards import read_sample
-# re-exported until windows.py and tests/test_scene.py import them from their own files
-from geotiff import GEO_TAGS  # noqa: F401
-from modalities import destandardize  # noqa: F401
 
 
 def read_input(name: str, value):
@@ -239,6 +236,9 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         for m, (path, x) in arrays.items():
             if s:
                 x = x[..., top:top + s, left:left + s]
+            if m in IMAGE_MODALITIES and m != "LULC":
+                # elementwise, so cropping first gives the same values for less work
+                x = self._standardize(m, x, path)
             sample[m] = torch.from_numpy(np.ascontiguousarray(x))
         return sample
 
@@ -315,19 +315,22 @@ class TerraMeshDataset(torch.utils.data.Dataset):
         return self._prepare(m, to_channels_first(x, MODALITIES[m].channels, path), path)
 
     def _prepare(self, m: str, x: np.ndarray, path) -> np.ndarray:
-        """(C, H, W) as stored -> standardized float32, NaN -> the band mean; LULC -> int64 (H,
-        W)."""
+        """(C, H, W) as stored, its values checked over the whole tile; LULC -> int64 (H, W).
+        Standardization waits for the crop (`_standardize`)."""
         check_values(m, x, path)
         if m == "LULC":
             x = x[0].astype(np.int64)
             if x.min() < 0 or x.max() >= len(LULC_CLASSES):
                 raise ValueError(f"{path}: LULC classes must lie in 0..{len(LULC_CLASSES) - 1}, "
                                  f"found {x.min()}..{x.max()}")
-            return x
+        return x
+
+    def _standardize(self, m: str, x: np.ndarray, path) -> np.ndarray:
+        """(C, h, w) as stored -> standardized float32, NaN -> the band mean."""
         x = standardize(m, x)
-        nan = np.isnan(x)
         # Sentinel-1 no-data: the band mean, i.e. 0 after standardization
-        if nan.any():
+        if np.isnan(x.min()):   # min carries NaN through
+            nan = np.isnan(x)
             n = int(nan.sum())
             x[nan] = 0.0
             self.nan_replaced[m] = self.nan_replaced.get(m, 0) + n
