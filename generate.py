@@ -54,21 +54,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cli import run_main, writable_folder
-from fsq_tokenizer import DECODE_STEPS, OFFICIAL_DECODE_STEPS
+from diffusion_decoder import DECODE_STEPS, OFFICIAL_DECODE_STEPS
+from entries import entry_kind
 from generate_eval import run_eval
 from generate_io import (Timer, check_decoders, claim_outputs, decode_sequence, image_outputs,
                          load_stack, pad_to_patches, parse_args, prepare_inputs, target_entry,
                          to_entries, write_outputs)
+from modalities import MODALITIES, PATCH
 from scene import (Progress, read_window, scene_inputs, scene_writers, summary,
                    write_scene)
-from terramesh import MODALITIES, PATCH, read_input
-from terramind import Encoded, TerraMind, entry_kind
+from terramesh import read_input
+from terramind import Encoded, TerraMind
 from text_tokenizer import EOS_ID, PAD_ID, WordPieceTokenizer, official_added_tokens, sentinel_id
 from windows import (WindowPlan, decode_rows, decode_starts, grid_state, known_tokens, new_canvas,
                      plan_windows, restore_grid, window_inputs)
-# re-exported: tests and notebooks import these names from generate
-from generate_eval import markdown, scaled_pairs  # noqa: F401
-from windows import decoded, ramp, window_noise, window_starts  # noqa: F401
 
 # 4M sequence layout: input [S_1], target [S_1] ... [S_2]
 S_1, S_2 = sentinel_id(1), sentinel_id(2)

@@ -44,10 +44,10 @@ import tifffile
 import torch
 from tqdm import tqdm
 
-from terramesh import MODALITIES, standardize
+from modalities import MODALITIES, standardize
 
 # GeoTIFF tags that carry the georeferencing: pixel scale, tie points, transformation, GeoKeys,
-# doubles, ascii, GDAL no-data (the same table as terramesh.GEO_TAGS, which read_tiff keeps)
+# doubles, ascii, GDAL no-data (the same table as geotiff.GEO_TAGS, which read_tiff keeps)
 GEO_TAGS = {33550: "d", 33922: "d", 34264: "d", 34735: "H", 34736: "d", 34737: "s", 42113: "s"}
 CO_REGISTRATION = {
     33550: "pixel scale",

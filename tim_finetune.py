@@ -68,8 +68,6 @@ from terramind import TerraMind, TerraMindConfig
 from tim_data import IGNORE, TiMData, readers
 from tim_scene import (OVERLAY_MAX, check_inputs, class_shares, overlay, predict_outputs,
                        predict_scene)
-# re-exported until tests/test_scene.py imports them from tim_scene.py
-from tim_scene import NODATA, predict  # noqa: F401
 
 PIXELS = [m for m in MODALITIES if MODALITIES[m].pixel_key]
 

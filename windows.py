@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from terramesh import MODALITIES, PATCH, destandardize
+from modalities import MODALITIES, PATCH, destandardize
 from terramind import entry_kind
 
 

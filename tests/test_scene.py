@@ -15,9 +15,11 @@ import tifffile
 import torch
 
 import generate
+import geotiff
 import scene
-import terramesh
 import tim_finetune
+import tim_scene
+import windows
 from fsq_tokenizer import ImageTokenizer, TokenizerConfig, tokenizer_path
 from scene import Raster, TiledWriter, open_scene
 from terramind import TerraMind, TerraMindConfig
@@ -29,10 +31,10 @@ SAMPLING = generate.Sampling("maskgit", 2, temperature=0.7, top_p=0)   # stochas
 
 def real_mosaic(modality: str, height: int, width: int) -> tuple[np.ndarray, dict]:
     """(C, height, width) from the two real TerraMesh sites tiled in a checkerboard, and the first site's tags."""
-    tiles = [np.moveaxis(terramesh.read_tiff(ROOT / "assets" / "terramesh" / modality / f"{s}.tif")[0], -1, 0)
+    tiles = [np.moveaxis(geotiff.read_tiff(ROOT / "assets" / "terramesh" / modality / f"{s}.tif")[0], -1, 0)
              for s in SITES]
     rows = [np.concatenate([tiles[(i + j) % 2] for j in range(-(-width // 224))], -1) for i in range(-(-height // 224))]
-    return np.concatenate(rows, -2)[:, :height, :width], terramesh.read_tiff(ROOT / "assets" / "terramesh" / modality /
+    return np.concatenate(rows, -2)[:, :height, :width], geotiff.read_tiff(ROOT / "assets" / "terramesh" / modality /
                                                                             f"{SITES[0]}.tif")[1]
 
 
@@ -77,7 +79,7 @@ def test_reads_only_the_segments_a_window_needs(tmp_path):
 def test_real_cloud_layout_planar_tiled_deflate():
     """Sen1Floods11's S2 chip: 13 planes, one 512 px deflate tile each."""
     path = ROOT / "assets" / "sen1floods11" / "S2" / "Spain_7370579_S2Hand.tif"
-    whole, _ = terramesh.read_tiff(path)
+    whole, _ = geotiff.read_tiff(path)
     assert np.array_equal(Raster(path).read(100, 300, 7, 500), whole[:, 100:300, 7:500])
 
 
@@ -92,12 +94,12 @@ def test_writer_tiled_georeferenced_and_refuses_misregistration(tmp_path):
         page = tif.pages.first
         assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256)
         assert np.array_equal(np.moveaxis(page.asarray(), -1, 0), x)
-        assert {t.code: t.value for t in page.tags.values() if t.code in terramesh.GEO_TAGS} == geo
+        assert {t.code: t.value for t in page.tags.values() if t.code in geotiff.GEO_TAGS} == geo
     shifted = {**geo, 33922: (0, 0, 0, geo[33922][3] + 10, geo[33922][4], 0)}
-    terramesh.write_geotiff(tmp_path / "s1.tif", np.zeros((2, 300, 530), np.float32), shifted)
+    geotiff.write_geotiff(tmp_path / "s1.tif", np.zeros((2, 300, 530), np.float32), shifted)
     with pytest.raises(ValueError, match="not co-registered: tie point"):
         open_scene({"S2L2A": tmp_path / "s2.tif", "S1GRD": tmp_path / "s1.tif"})
-    terramesh.write_geotiff(tmp_path / "s1.tif", np.zeros((2, 300, 520), np.float32), geo)
+    geotiff.write_geotiff(tmp_path / "s1.tif", np.zeros((2, 300, 520), np.float32), geo)
     with pytest.raises(ValueError, match="300x530 px.*300x520 px"):
         open_scene({"S2L2A": tmp_path / "s2.tif", "S1GRD": tmp_path / "s1.tif"})
 
@@ -117,8 +119,8 @@ def assert_scene_equals_in_memory(models, tmp_path, height, width, batch_size):
                             diffusion_steps=2, batch_size=batch_size)
     generate.generate_scene(model, tokenizers, {"S2L2A": path}, ["LULC", "S1GRD"], tmp_path / "out", SAMPLING, 2,
                             batch_size=batch_size)
-    lulc, tags = terramesh.read_tiff(tmp_path / "out" / "LULC.tif")
-    s1, _ = terramesh.read_tiff(tmp_path / "out" / "S1GRD.tif")
+    lulc, tags = geotiff.read_tiff(tmp_path / "out" / "LULC.tif")
+    s1, _ = geotiff.read_tiff(tmp_path / "out" / "S1GRD.tif")
     assert tags == geo and lulc.dtype == np.uint8 and s1.dtype == np.float32
     assert np.array_equal(lulc, ref["LULC"][0].numpy())
     assert np.array_equal(np.moveaxis(s1, -1, 0), ref["S1GRD"][0].numpy())
@@ -231,12 +233,12 @@ def test_tim_predict_scene_equals_predict_and_resumes(segmenter, tmp_path, monke
     x = (np.random.default_rng(0).normal(size=(2, 150, 230)) * 5 - 12).astype(np.float32)
     x[:, :20, :30] = np.nan                         # every band no data: NODATA
     x[0, 50:60, 50:70] = np.nan                     # one band: fed as the mean, predicted
-    terramesh.write_geotiff(tmp_path / "s1.tif", x, {33550: (10.0, 10.0, 0.0)})
-    ref = tim_finetune.predict(segmenter, {"S1GRD": x}, 3, 0).numpy().astype(np.uint8)
-    ref[:20, :30] = tim_finetune.NODATA
-    assert set(np.unique(ref)) == {0, 1, tim_finetune.NODATA}
+    geotiff.write_geotiff(tmp_path / "s1.tif", x, {33550: (10.0, 10.0, 0.0)})
+    ref = tim_scene.predict(segmenter, {"S1GRD": x}, 3, 0).numpy().astype(np.uint8)
+    ref[:20, :30] = tim_scene.NODATA
+    assert set(np.unique(ref)) == {0, 1, tim_scene.NODATA}
     tim_finetune.predict_scene(segmenter, {"S1GRD": tmp_path / "s1.tif"}, tmp_path / "mask.tif", 3, 0)
-    mask, tags = terramesh.read_tiff(tmp_path / "mask.tif")
+    mask, tags = geotiff.read_tiff(tmp_path / "mask.tif")
     assert np.array_equal(mask, ref) and tags[42113] == "255" and tags[33550] == (10.0, 10.0, 0.0)
     stop_after(monkeypatch, 2)
     with pytest.raises(Stop):
@@ -283,8 +285,8 @@ def windowed_and_whole(model, toks, s2, targets, monkeypatch) -> tuple[dict, dic
         for name in targets:   # from the same noise per 16 px patch as the windows (seed 0)
             ids = grids[name]
             shape = (ids.shape[0], toks[name].channels, ids.shape[1] * 16, ids.shape[2] * 16)
-            noise = generate.window_noise(0, name, 0, 0, shape)
-            whole[name] = generate.decoded(name, toks[name].decode(ids, steps=2, noise=noise))
+            noise = windows.window_noise(0, name, 0, 0, shape)
+            whole[name] = windows.decoded(name, toks[name].decode(ids, steps=2, noise=noise))
     return out, grids, whole
 
 
