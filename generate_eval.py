@@ -92,8 +92,9 @@ def scaled_pairs(model, tokenizers, pairs: str, choice: str) -> list:
 
 
 def eval_sets(args) -> list:
-    """[(title, samples, pairs)]: --data (whole patches: TerraMesh's 264 px tiles -> the centred
-    256 px) and --sen1floods11 (whole 512 px chips, through the windowed generator)."""
+    """[(title, samples, pairs, limit)]: --data (whole patches: TerraMesh's 264 px tiles -> the
+    centred 256 px; up to --n samples per pair) and --sen1floods11 (whole 512 px chips, through
+    the windowed generator; every chip)."""
     sets = []
     if args.data:
         root = Path(args.data)
@@ -101,27 +102,60 @@ def eval_sets(args) -> list:
         split = args.split if has_splits else None                       # published: train/val
         labels = args.labels if has_folder(root, args.labels) else None
         ds = TerraMeshDataset(root, split=split, size=None, labels=labels)
-        n = min(args.n, len(ds))
-        samples = [whole_patches(ds[i]) for i in tqdm(range(n), desc="read", leave=False)]
-        sets.append((root.name, samples, args.pairs))
+        chosen = pair_samples(ds, args.pairs, labels, args.n)
+        samples = [whole_patches(ds[i]) for i in tqdm(chosen, desc="read", leave=False)]
+        sets.append((root.name, samples, args.pairs, args.n))
     if args.sen1floods11:
         chips = read_sen1floods11(args.sen1floods11, args.labels)
-        sets.append(("Sen1Floods11", chips, SEN1FLOODS11_PAIRS))
+        sets.append(("Sen1Floods11", chips, SEN1FLOODS11_PAIRS, None))
     return sets
 
 
+def has_pair(have, src: str, dst: str, labels) -> bool:
+    """Whether a sample holding the modalities `have` serves the pair: its inputs and its truth
+    (for LULC the water label will do)."""
+    truth = dst in have or dst == "LULC" and labels in have
+    return truth and all(m in have for m in src.split("+"))
+
+
+def pair_samples(ds, pairs: str, labels, n: int) -> list:
+    """The indices of ds to read: for every pair, its first n samples that hold the pair. The
+    first n samples alone can miss a pair: the published layout has S1GRD only in its
+    ssl4eos12 shards and S1RTC only in the majortom ones."""
+    wanted = [pair.split(":") for pair in pairs.split(",")]
+    counts, chosen = [0] * len(wanted), []
+    for i in range(len(ds)):
+        if min(counts) >= n:
+            break
+        have = set(ds.available(i))
+        if labels and ds.ids[i] in ds.files[labels]:
+            have.add(labels)
+        serves = [k for k, (src, dst) in enumerate(wanted)
+                  if counts[k] < n and has_pair(have, src, dst, labels)]
+        for k in serves:
+            counts[k] += 1
+        if serves:
+            chosen.append(i)
+    return chosen
+
+
 def eval_jobs(args, model, tokenizers, text, sets) -> list:
-    """The pairs of every set that its samples and the decoders allow, as EvalJobs in run order."""
+    """The pairs of every set that its samples and the decoders allow, as EvalJobs in run order;
+    a pair left out says why."""
     jobs = []
-    for title, samples, pairs in sets:
+    for title, samples, pairs, limit in sets:
         for src, dst, scale in scaled_pairs(model, tokenizers, pairs, args.input_scale):
             job = EvalJob(title, src, dst, scale, [])
             for s in samples:
-                truth = dst in s or dst == "LULC" and args.labels in s
-                if truth and all(m in s for m in job.inputs):
+                if has_pair(s, src, dst, args.labels):
                     job.have.append(s)
-            decodable = dst in tokenizers or dst == "coords" and text is not None
-            if job.have and decodable:
+            job.have = job.have[:limit]
+            if dst not in tokenizers and not (dst == "coords" and text is not None):
+                print(f"{job.name}: left out, nothing here decodes {dst}")
+            elif not job.have:
+                print(f"{job.name}: left out, no sample of {title} holds "
+                      f"{', '.join(job.inputs)} and {dst}")
+            else:
                 jobs.append(job)
     return jobs
 
@@ -272,8 +306,11 @@ def run_eval(args, generate):
             draw_pair(job, gen, args.labels, folder)   # the first sample
         tables.add(job, gen)
     s = args.sampling
-    counts = ", ".join(f"{title} {len(samples)} samples" for title, samples, _ in sets)
-    title = (f"{counts}; {s.scheme} {s.steps} step(s), T {s.temperature}, "
+    counts = []
+    for name, samples, _, limit in sets:
+        per_pair = f" (up to {limit} per pair)" if limit else ""
+        counts.append(f"{name} {len(samples)} samples{per_pair}")
+    title = (f"{', '.join(counts)}; {s.scheme} {s.steps} step(s), T {s.temperature}, "
              f"{args.diffusion_steps} diffusion steps")
     report = tables.report(title, f"Time per sample ({args.device}): {timer.report()}")
     tables.write(folder, report)

@@ -26,7 +26,10 @@ def dataset(root, m: str, split: str | None, **kw) -> TerraMeshDataset:
     """The samples of `split` (all when the folder has no such split) that have modality m."""
     split = split if terramesh.has_split(root, split) else None
     ds = TerraMeshDataset(root, [m], split=split, **kw)
-    ds.ids = [sid for k, sid in enumerate(ds.ids) if m in ds.available(k)]
+    # the published layout's index already holds only the keys that have m; it stays a
+    # compact numpy table rather than a Python list of 9M strings in every worker
+    if not ds.published:
+        ds.ids = [sid for k, sid in enumerate(ds.ids) if m in ds.available(k)]
     return ds
 
 

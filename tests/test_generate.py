@@ -2,11 +2,13 @@
 official functions, and behaviour on a model trained on the synthetic world."""
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors
 import torch
 
+import generate_eval
 from checkpoints import load_safetensors
 from generate import (Sampling, cosine_schedule, filter_logits, generate_tokens,
                       linear_schedule, merge_span, temperature_schedule)
@@ -337,3 +339,35 @@ def test_outputs_are_never_overwritten_without_the_flag(tmp_path, monkeypatch, c
     assert code == 1 and "both the LULC GeoTIFF (target 1) and the LULC GeoTIFF (target 2)" in said, said
     assert run("--overwrite")[0] == 0
     assert read_tiff(out / "LULC.tif")[0].shape == (64, 64)
+
+
+class PublishedSplit:
+    """The index of a published-layout split as generate_eval sees it: the majortom-like samples
+    (S1RTC, no S1GRD) come first, the ssl4eos12-like ones (S1GRD) after; one water label."""
+    ids = [f"k{i}" for i in range(10)]
+    files = {"label_water": {"k8"}}
+
+    def __len__(self):
+        return len(self.ids)
+
+    def available(self, i):
+        return ["S2L2A", "S1RTC"] if i < 6 else ["S2L2A", "S1GRD"]
+
+
+def test_eval_reads_the_first_n_samples_of_every_pair():
+    """The first n samples alone held no S1GRD: its pairs were dropped without a word."""
+    chosen = generate_eval.pair_samples(PublishedSplit(), "S2L2A:S1RTC,S2L2A:S1GRD,S1GRD:LULC",
+                                        "label_water", 2)
+    assert chosen == [0, 1, 6, 7, 8]   # S1RTC pair 0, 1; S1GRD pair 6, 7; LULC truth: the label of 8
+
+
+def test_eval_says_which_pairs_it_leaves_out_and_keeps_n_per_pair(capsys):
+    model = SimpleNamespace(config=SimpleNamespace(inputs=[]))
+    args = SimpleNamespace(input_scale="pixels", labels="label_water")
+    samples = [{"S2L2A": 0, "S1GRD": 0}] * 3
+    sets = [("synth", samples, "S2L2A:S1GRD,S2L2A:DEM,S1RTC:S1GRD", 2)]
+    jobs = generate_eval.eval_jobs(args, model, {"S1GRD": None}, None, sets)
+    assert [(j.src, j.dst, len(j.have)) for j in jobs] == [("S2L2A", "S1GRD", 2)]
+    said = capsys.readouterr().out
+    assert "S2L2A → DEM (synth): left out, nothing here decodes DEM" in said
+    assert "S1RTC → S1GRD (synth): left out, no sample of synth holds S1RTC and S1GRD" in said
