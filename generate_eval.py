@@ -224,8 +224,8 @@ class EvalTables:
             majority_class = torch.bincount(truth.flatten()).argmax()
             majority = (truth == majority_class).double().mean()
             self.lulc.append([job.name, f"{m['acc']:.3f}", f"{m['mIoU']:.3f}", f"{majority:.3f}"])
-            self.records.append({"pair": job.name, "acc": m["acc"], "mIoU": m["mIoU"],
-                                 "majority_acc": float(majority)})
+            self.records.append({"pair": job.name, "n": len(job.have), "acc": m["acc"],
+                                 "mIoU": m["mIoU"], "majority_acc": float(majority)})
         self.add_water(job, gen)
 
     def add_water(self, job: EvalJob, gen: torch.Tensor):
@@ -240,8 +240,8 @@ class EvalTables:
         iou = f"{100 * i / u:.1f}" if u else "- (no water)"
         self.water.append([Path(self.model).name, where, "zero-shot", iou])
         all_water = 100 * float((label == 1).sum() / (label >= 0).sum())   # baseline: all water
-        self.records.append({"pair": where, "water_iou": 100 * i / u if u else None,
-                             "all_water_iou": all_water})
+        self.records.append({"pair": where, "n": len(job.have),
+                             "water_iou": 100 * i / u if u else None, "all_water_iou": all_water})
 
     def add_image(self, job: EvalJob, gen: torch.Tensor):
         truth = torch.stack([s[job.dst] for s in job.have])
@@ -252,7 +252,8 @@ class EvalTables:
         scores = [f"{m[k]:.4g}" for k in ("MAE", "RMSE", "SSIM", "PSNR")]
         self.table3.append([job.name, *scores, f"{base['RMSE']:.4g}"])
         values = {k: float(m[k]) for k in ("MAE", "RMSE", "SSIM", "PSNR")}
-        self.records.append({"pair": job.name, **values, "mean_image_RMSE": float(base["RMSE"])})
+        self.records.append({"pair": job.name, "n": len(job.have), **values,
+                             "mean_image_RMSE": float(base["RMSE"])})
 
     def report(self, title: str, timing: str) -> str:
         """eval.md: the tables in the paper's layouts."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from geotiff import read_tiff
 from shard_index import is_shard_root
+from terramesh import TerraMeshDataset
 from token_shards import read_header as header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,16 @@ def test_summary_is_finite_and_beats_the_trivial_baselines(run):
     # the tokenizers beat the mean image on most modalities even after 100 steps
     tok = [r for r in rows if r["stage"] == "tokenizer"]
     assert sum(r["beats"] for r in tok) >= len(tok) - 1, tok
+
+
+def test_generation_scores_every_pair_on_its_own_samples(run):
+    """Each pair run_cpu.sh asks for is scored on the first EVAL_N test samples that hold it. The test split
+    starts with majortom-like shards (no S1GRD): read as the first EVAL_N samples, the S1GRD pairs got one."""
+    records = {r["pair"]: r for r in json.loads((run / "generate" / "eval" / "eval.json").read_text())}
+    pairs = re.search(r"--pairs (\S+)", (ROOT / "run_cpu.sh").read_text()).group(1)
+    n = int(SCALE["EVAL_N"])
+    for pair in pairs.split(","):
+        src, dst = pair.split(":")
+        holding = TerraMeshDataset(run / "synth", [src, dst], split="test", size=None)
+        have = sum(set(holding.available(i)) == {src, dst} for i in range(len(holding)))
+        assert records[f"{src} → {dst} (synth)"]["n"] == min(n, have) > 1, (pair, have)
