@@ -6,9 +6,9 @@
 # The world is written and read in the published TerraMesh layout ($DATA/{train,val,test}/<FOLDER>/*.tar of
 # zarr.zip samples, plus our caption/ and label_water/ extras), so every stage reads what a TerraMesh user
 # reads. Tiles are 64 px (4 x 4 tokens), not TerraMesh's 264: the smoke scale keeps the whole run near
-# 16 minutes on 2 cores (tests/fixtures and tests/test_terramesh_shards.py cover 264 px).
+# 15 minutes on 2 cores (tests/fixtures and tests/test_terramesh_shards.py cover 264 px).
 # The sizes below are environment variables so that tests/test_pipeline.py runs the same chain smaller.
-#   bash run_cpu.sh                      # about 16 minutes on 2 cores
+#   bash run_cpu.sh                      # about 15 minutes on 2 cores
 #   OUT=runs/mine N=4000 PRETRAIN_STEPS=2000 bash run_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")"
