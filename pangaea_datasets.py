@@ -140,10 +140,10 @@ class Sen1Floods11(PangaeaDataset):
     name, classes = "sen1floods11", ("Not Water", "Water")
     bands = {"optical": S2_13, "sar": ("VV", "VH")}
     mean = {"optical": (1626.916, 1396.035, 1364.061, 1218.228, 1466.073, 2386.903, 2845.613,
-                        2622.958, 3077.482, 486.874, 63.779, 2030.648, 1179.166),
+                        2622.958, 3077.482, 486.8744, 63.77861, 2030.648, 1179.166),
             "sar": (-10.184408, -16.895273)}
-    std = {"optical": (700.171, 739.095, 735.248, 864.937, 776.880, 921.368, 1084.373,
-                       1022.634, 1196.443, 336.611, 143.999, 980.871, 764.608),
+    std = {"optical": (700.1713, 739.0945, 735.2482, 864.9367, 776.8803, 921.3683, 1084.373,
+                       1022.634, 1196.443, 336.6111, 143.9992, 980.8706, 764.6084),
            "sar": (4.255339, 5.290568)}
 
     def list_items(self, split):
@@ -165,8 +165,8 @@ class HLSBurnScars(PangaeaDataset):
     """{training,validation}/*merged.tif (H, W, 6) and *mask.tif; `validation` is the test split"""
     name, classes = "hlsburnscars", ("Not burned", "Burn scar")
     bands = {"optical": S2_10[:3] + S2_10[7:]}
-    mean = {"optical": (0.033350, 0.057012, 0.058897, 0.232325, 0.197285, 0.119449)}
-    std = {"optical": (0.022691, 0.026808, 0.040041, 0.077917, 0.087087, 0.072420)}
+    mean = {"optical": (0.03334971, 0.05701186, 0.05889748, 0.2323245, 0.1972855, 0.1194491)}
+    std = {"optical": (0.02269136, 0.02680756, 0.0400411, 0.07791732, 0.08708739, 0.07241979)}
 
     def list_items(self, split):
         d = self.root / ("validation" if split == "test" else "training")
@@ -194,10 +194,10 @@ class MADOS(PangaeaDataset):
                "Natural Organic Material", "Ship", "Oil Spill", "Marine Water",
                "Sediment-Laden Water", "Foam", "Turbid Water", "Shallow Water", "Waves & Wakes",
                "Oil Platform", "Jellyfish", "Sea snot")
-    mean = {"optical": (.05827, .05223, .04381, .03571, .03413, .03680, .03999, .03567, .03965,
-                        .02680, .01979)}
-    std = {"optical": (.03241, .03432, .03548, .03758, .03785, .04992, .05884, .05546, .06424,
-                       .04211, .03019)}
+    mean = {"optical": (.0582676, .05223386, .04381474, .0357083, .03412902, .03680401,
+                        .03999107, .03566642, .03965081, .0267993, .01978944)}
+    std = {"optical": (.03240627, .03432253, .0354812, .0375769, .03785412, .04992323,
+                       .05884482, .05545856, .06423746, .04211187, .03019115)}
 
     def list_items(self, split):
         names = set(read_lines(self.root / "splits" / f"{split}_X.txt"))
@@ -241,7 +241,8 @@ class PASTIS(PangaeaDataset):
         folds = {"train": (1, 2, 3), "val": (4,), "test": (5,)}[split]
         features = json.loads((self.root / "metadata.geojson").read_text())["features"]
         patches = [f["properties"] for f in features]
-        return [p["ID_PATCH"] for p in patches if p["Fold"] in folds]
+        # official: the folds one after another, each in the metadata's order
+        return [p["ID_PATCH"] for fold in folds for p in patches if p["Fold"] == fold]
 
     def pick_frames(self, x):
         """(T, C, H, W) -> (C, 6, H, W): 6 frames evenly spaced (linspace)."""
