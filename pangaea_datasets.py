@@ -245,7 +245,9 @@ class PASTIS(PangaeaDataset):
         return [p["ID_PATCH"] for fold in folds for p in patches if p["Fold"] == fold]
 
     def pick_frames(self, x):
-        """(T, C, H, W) -> (C, 6, H, W): 6 frames evenly spaced (linspace)."""
+        """(T, C, H, W) -> (C, 6, H, W): 6 frames evenly spaced (linspace), as the official class
+        picks them from series of up to 50 dates. DEVIATION: from a longer series it first draws 50
+        dates at random and out of order, anew at each read; here the 6 span the whole series."""
         frames = np.linspace(0, len(x) - 1, self.frames).astype(np.int64)
         return x[frames].transpose(1, 0, 2, 3)
 
