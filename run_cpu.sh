@@ -21,6 +21,7 @@ EVAL_N=${EVAL_N:-100}                     # held-out samples for tokenizer and g
 FEWSHOT_RUNS=${FEWSHOT_RUNS:-200}         # few-shot runs averaged (paper: 200)
 WAYS=${WAYS:-5}                           # few-shot classes per run (dominant LULC classes)
 PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cpu}                     # every stage runs here, even where a GPU is present
 DATA=$OUT/synth; TILES=$OUT/tile; TOK=$OUT/tokenizers; MODEL=$OUT/pretrain/terramind.safetensors
 REAL=assets                               # the real samples vendored in the repository (assets/README.md)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -36,10 +37,10 @@ took data
 
 stage "2/8 image tokenizers: FSQ encoders with diffusion decoders (LULC: ViT decoder)"
 $PY fsq_tokenizer.py train --modality S2L2A S1GRD S1RTC DEM LULC NDVI --data "$DATA" --size smoke \
-    --steps "$TOKENIZER_STEPS" --out "$TOK" --overwrite
+    --steps "$TOKENIZER_STEPS" --out "$TOK" --device "$DEVICE" --overwrite
 for m in S2L2A S1GRD DEM NDVI LULC; do
     $PY fsq_tokenizer.py reconstruct --modality "$m" --data "$DATA" --tokenizers "$TOK" --n "$EVAL_N" \
-        --clip 1 --pictures 1 --out "$OUT/tokenizers_eval" --overwrite
+        --clip 1 --pictures 1 --out "$OUT/tokenizers_eval" --device "$DEVICE" --overwrite
 done
 took tokenizers
 
@@ -49,13 +50,14 @@ $PY text_tokenizer.py train --corpus "$OUT/captions.txt" --vocab-size 30000 --ou
 took text
 
 stage "4/8 token shards: every tile through its tokenizer"
-$PY fsq_tokenizer.py tokenize --data "$DATA" --tokenizers "$TOK" --out "$OUT/tokens"
+$PY fsq_tokenizer.py tokenize --data "$DATA" --tokenizers "$TOK" --out "$OUT/tokens" --device "$DEVICE"
 took tokenize
 
 stage "5/8 pretraining: masked cross-modal token prediction, $PRETRAIN_STEPS steps"
 $PY pretrain.py --size smoke --data "$DATA" --tokens "$OUT/tokens" --text-tokenizer "$OUT/wordpiece.json" \
     --steps "$PRETRAIN_STEPS" --batch-size 32 --lr 2e-3 --workers 1 --log-every 100 \
-    --eval-every $((PRETRAIN_STEPS / 5)) --save-every "$PRETRAIN_STEPS" --out "$OUT/pretrain"
+    --eval-every $((PRETRAIN_STEPS / 5)) --save-every "$PRETRAIN_STEPS" --out "$OUT/pretrain" \
+    --device "$DEVICE"
 took pretrain
 
 stage "6/8 generation: chained, any-to-any, metrics on held-out tiles"
@@ -63,20 +65,21 @@ stage "6/8 generation: chained, any-to-any, metrics on held-out tiles"
 $PY terramesh.py export --root "$DATA" --split test --modality S2L2A,S1GRD,DEM --out "$TILES" --overwrite
 $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S2L2A="$TILES/S2L2A.tif" \
     --targets LULC,NDVI,S1GRD,DEM,coords,caption --scheme maskgit --steps 4 --temperature 0 \
-    --out "$OUT/generate/chained" --overwrite
+    --out "$OUT/generate/chained" --device "$DEVICE" --overwrite
 $PY generate.py --model "$MODEL" --tokenizers "$TOK" --input S1GRD="$TILES/S1GRD.tif" \
     --input DEM="$TILES/DEM.tif" --targets S2L2A,LULC --scheme roar --steps 4 --out "$OUT/generate/any2any" \
-    --overwrite
+    --device "$DEVICE" --overwrite
 S1F11=(--sen1floods11 "$REAL/sen1floods11")
 $PY generate.py eval --model "$MODEL" --tokenizers "$TOK" --data "$DATA" --split test --n "$EVAL_N" \
     --temperature 0 --pairs S2L2A:S1GRD,S2L2A:DEM,S2L2A:NDVI,S1GRD:S2L2A,S2L2A:LULC,S1GRD:LULC,S2L2A:coords \
-    "${S1F11[@]}" --out "$OUT/generate/eval" --overwrite
+    "${S1F11[@]}" --out "$OUT/generate/eval" --device "$DEVICE" --overwrite
 took generate
 
 stage "7/8 Thinking-in-Modalities: S-1 water mapping, plain vs with generated LULC"
 for tim in none LULC; do
     $PY tim_finetune.py train --model "$MODEL" --data "$DATA" --classes land,water --modalities S1GRD --tim $tim \
-        --temperature 0 --cache --channels 64 --lr 5e-4 --epochs "$EPOCHS" --log-every 1000 --out "$OUT/tim/S1GRD_$tim"
+        --temperature 0 --cache --channels 64 --lr 5e-4 --epochs "$EPOCHS" --log-every 1000 --out "$OUT/tim/S1GRD_$tim" \
+        --device "$DEVICE"
 done
 $PY tim_finetune.py table "$OUT"/tim/*/results.json
 took tim
@@ -84,10 +87,10 @@ took tim
 stage "8/8 PANGAEA protocol (frozen encoder, UPerNet) on the water task, and few-shot LULC classes"
 $PY eval_pangaea.py seg --dataset terramesh --root "$DATA" --labels label_water --classes land,water \
     --modalities S2L2A,S1GRD --model "$MODEL" --crop 64 --channels 64 --epochs "$EPOCHS" --workers 0 \
-    --out "$OUT/pangaea/water"
+    --out "$OUT/pangaea/water" --device "$DEVICE"
 $PY eval_pangaea.py folders --root "$DATA" --out "$OUT/classes"
 $PY eval_pangaea.py fewshot --root "$OUT/classes" --modality S2L1C --ways "$WAYS" --shots 1 --runs "$FEWSHOT_RUNS" \
-    --model "$MODEL" --out "$OUT/pangaea/fewshot"
+    --model "$MODEL" --out "$OUT/pangaea/fewshot" --device "$DEVICE"
 took pangaea
 
 stage "summary"

@@ -86,15 +86,15 @@ def train_state_path(folder, modality: str) -> Path:
 
 
 def setup_distributed(device: str) -> tuple[bool, int, int, str]:
-    """(DDP?, rank, world size, device). Under torchrun: one process per GPU (gloo between CPU
-    processes)."""
+    """(DDP?, rank, world size, device). Under torchrun: one process per GPU with --device cuda,
+    CPU processes over gloo with --device cpu (even where a GPU is present)."""
     ddp, rank = int(os.environ.get("WORLD_SIZE", 1)) > 1, int(os.environ.get("RANK", 0))
     if not ddp:
         return False, rank, 1, device
+    cuda = str(device).startswith("cuda")
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if torch.cuda.is_available():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     return True, rank, torch.distributed.get_world_size(), device

@@ -35,8 +35,11 @@ IMAGE_TARGETS = ("tok_S2L2A", "tok_S1GRD", "tok_S1RTC", "tok_DEM", "tok_LULC", "
 
 
 def command(*args, cwd=ROOT, check=True) -> subprocess.CompletedProcess:
+    """Runs a script of the repository; every one but release.py (which only converts files) gets --device cpu,
+    so that a GPU host runs the same commands and compares the same float32 numbers."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env)
+    device = [] if args[0] == "release.py" else ["--device", "cpu"]
+    p = subprocess.run([sys.executable, *map(str, args), *device], cwd=cwd, capture_output=True, text=True, env=env)
     if check and p.returncode:
         raise AssertionError(f"{args} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

@@ -180,7 +180,7 @@ def test_pretraining_that_diverges_stops_at_the_step_and_keeps_the_last_good_sta
         synth_world, token_shards, text_tokenizer, tmp_path):
     cmd = [sys.executable, "pretrain.py", "--data", synth_world, "--tokens", token_shards, "--text-tokenizer",
            text_tokenizer, "--out", tmp_path, "--steps", 6, "--size", "smoke", "--batch-size", 4, "--total-batch-size",
-           4, "--workers", 0, "--eval-samples", 4, "--save-every", 1, "--lr", 1e30, "--warmup", 0, "--clip-grad", 0]
+           4, "--workers", 0, "--eval-samples", 4, "--save-every", 1, "--lr", 1e30, "--warmup", 0, "--clip-grad", 0, "--device", "cpu"]
     p = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = p.stderr.strip().splitlines()
@@ -202,7 +202,7 @@ def diverging_run(world, tokens, text, out, deferred: str):
     cmd = [sys.executable, "pretrain.py", "--data", world, "--tokens", tokens, "--text-tokenizer", text,
            "--out", out, "--steps", 8, "--size", "smoke", "--batch-size", 4, "--total-batch-size", 4,
            "--workers", 0, "--eval-samples", 4, "--eval-every", 100, "--save-every", 2, "--log-every", 4,
-           "--lr", 1e30, "--warmup", 0.25, "--clip-grad", 0]
+           "--lr", 1e30, "--warmup", 0.25, "--clip-grad", 0, "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", pretrain_log.DEFERRED: deferred}
     return subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
@@ -324,7 +324,7 @@ def test_the_wrong_kind_of_checkpoint_is_named(checkpoints, given, load, says):
 def test_a_tokenizer_as_model_is_one_line_in_generate(checkpoints, monkeypatch, capsys, tmp_path):
     said = user_error(generate.main, ["generate.py", "--model", checkpoints / "tokenizer_DEM.safetensors",
                                       "--tokenizers", checkpoints, "--input", "DEM=x.tif", "--targets", "LULC",
-                                      "--out", tmp_path], monkeypatch, capsys)
+                                      "--out", tmp_path, "--device", "cpu"], monkeypatch, capsys)
     assert said.count("\n") == 1 and "expected a TerraMind model" in said, said
 
 
@@ -350,7 +350,7 @@ def test_seg_checks_out_before_training(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     said = user_error(eval_pangaea.main, ["eval_pangaea.py", "seg", "--root", tmp_path, "--dataset", "terramesh",
-                                          "--out", blocker / "run"], monkeypatch, capsys)
+                                          "--out", blocker / "run", "--device", "cpu"], monkeypatch, capsys)
     assert f"--out {blocker / 'run'}: cannot write there" in said, said
 
 

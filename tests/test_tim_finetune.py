@@ -201,7 +201,7 @@ def test_predict_real_chip(pretrained, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="missing --input"):
         main(["predict", "--ckpt", str(tmp_path / "chip" / "model.safetensors"), "--input",
-              f"S1GRD={tmp_path / 's1.tif'}", "--out", str(out)])
+              f"S1GRD={tmp_path / 's1.tif'}", "--out", str(out), "--device", "cpu"])
 
 
 def test_predict_never_overwrites_a_mask_or_overlay(tmp_path):
