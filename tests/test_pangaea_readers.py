@@ -84,8 +84,3 @@ def test_spacenet7_aois_are_the_official_split():
     official = OFFICIAL["spacenet7"]["aois_in_split"]
     for split, aois in pds.SN7_AOIS.items():
         assert [f"L15-{aoi}_13" for aoi in aois.split()] == official[split]
-
-
-def test_dynamicearthnet_reads_the_official_days():
-    days = [f"{d:02d}" for d in OFFICIAL["dynamicen"]["config"]["sample_dates"]]
-    assert days == [f"{d:02d}" for d in range(1, 7)]
