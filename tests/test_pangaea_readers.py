@@ -5,7 +5,6 @@ Sen1Floods11 chip among them); tests/fixtures/pangaea/official_readers.json hold
 returned on the same files (tests/fixtures/make_pangaea_reader_fixtures.py): every sample of every split, as the
 SHA-256 of its float32 images and int64 target. Our readers must give the same samples, in the same order, bit for
 bit, and carry the official configs' classes, ignore index, frames, bands and statistics."""
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -17,17 +16,12 @@ import pangaea_datasets as pds
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from pangaea_layouts import WRITERS  # noqa: E402
+from pangaea_layouts import WRITERS, digest  # noqa: E402
 
 FIXTURE = json.loads((ROOT / "tests/fixtures/pangaea/official_readers.json").read_text())
 OFFICIAL = FIXTURE["datasets"]
 # ours names DynamicEarthNet's Planet NIR band B8 (the config says B5), so that it reaches TerraMind's NIR slot
 BAND_NAMES_OURS = {"dynamicen": {"optical": ["B2", "B3", "B4", "B8"]}}
-
-
-def digest(x: np.ndarray) -> dict:
-    x = np.ascontiguousarray(x)
-    return {"shape": list(x.shape), "dtype": str(x.dtype), "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
 
 
 def our_samples(ds) -> list:

@@ -180,7 +180,8 @@ def test_pretraining_that_diverges_stops_at_the_step_and_keeps_the_last_good_sta
         synth_world, token_shards, text_tokenizer, tmp_path):
     cmd = [sys.executable, "pretrain.py", "--data", synth_world, "--tokens", token_shards, "--text-tokenizer",
            text_tokenizer, "--out", tmp_path, "--steps", 6, "--size", "smoke", "--batch-size", 4, "--total-batch-size",
-           4, "--workers", 0, "--eval-samples", 4, "--save-every", 1, "--lr", 1e30, "--warmup", 0, "--clip-grad", 0, "--device", "cpu"]
+           4, "--workers", 0, "--eval-samples", 4, "--save-every", 1, "--lr", 1e30, "--warmup", 0, "--clip-grad", 0,
+           "--device", "cpu"]
     p = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = p.stderr.strip().splitlines()
