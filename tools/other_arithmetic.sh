@@ -7,7 +7,7 @@
 # Each changes the low bits of results (a 257x391 @ 391x263 product, a 100k-term sum, a 3x3 convolution), as
 # a different CPU or torch build does. The tests' tolerances follow float32 error bounds, so the suite must
 # still pass. torch.compile gets a fresh cache: its shared one holds kernels built for the default switches.
-# The run is slower than the CI suite (18 min instead of 12 on 2 cores of an AMD EPYC). Extra pytest
+# The run is slower than the CI suite (18-20 min instead of 12-13 on 2 cores of an AMD EPYC). Extra pytest
 # arguments pass through:
 #   bash tools/other_arithmetic.sh [-x tests/test_terramind.py ...]
 set -euo pipefail
