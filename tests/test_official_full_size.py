@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from checkpoints import load_safetensors
+from conftest import assert_argmax_equals_official
 from positions import SEQ_POSITIONS, sincos_1d, sincos_2d
 from terramind import TerraMind
 
@@ -98,7 +99,9 @@ def test_full_size_tiny_equals_official():
     for e in COND:
         a, b = enc.tokens[e], expect[f"encoder.{e}"]
         assert (a - b).norm() <= 1e-5 * b.norm(), e
-    assert torch.equal(lulc.argmax(-1), expect["argmax.tok_LULC"])
+    # one of the 196 positions lies 6.6e-6 from a tie (logits up to 1.24)
+    assert_argmax_equals_official(lulc.argmax(-1), expect["argmax.tok_LULC"], expect["second.tok_LULC"],
+                                  expect["gap.tok_LULC"], 1e-4, "tok_LULC")
     rows = expect["rows"]
     assert (lulc[0, rows] - expect["logits.tok_LULC"]).norm() <= 1e-5 * expect["logits.tok_LULC"].norm()
     assert (coords - expect["logits.coords"]).norm() <= 1e-5 * expect["logits.coords"].norm()

@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 from checkpoints import load_safetensors  # noqa: E402
+from conftest import assert_argmax_equals_official  # noqa: E402
 from fsq_tokenizer import TokenizerConfig  # noqa: E402
 from generate import Sampling, generate_tokens  # noqa: E402
 from modalities import standardize  # noqa: E402
@@ -60,7 +61,8 @@ def test_convert_then_generate_equals_official(official, readme_run):
                   "--temperature", "0", "--out", work / "gen").stdout
     assert "10 DDIM steps" in out and "default is 50" in out
     lulc = tifffile.imread(work / "gen" / "LULC.tif")                  # tokens -> converted LULC tokenizer
-    assert np.array_equal(lulc, fix["lulc_map"][0].numpy())
+    # 32 of 50176 pixels lie within 2e-4 of a tie (the closest 4.4e-6, at logits up to 1.9)
+    assert_argmax_equals_official(lulc, fix["lulc_map"][0], fix["lulc_second"][0], fix["lulc_gap"][0], 2e-4, "LULC map")
     model = TerraMind.from_checkpoint(work / "ckpt" / "v1").eval()     # the folder, as every script takes it
     x = standardize("S2L2A", torch.from_numpy(read_input("S2L2A", str(TILE))[0]))[None]
     argmax = Sampling(temperature=0.0, top_p=0.0)
