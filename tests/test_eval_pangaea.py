@@ -536,7 +536,9 @@ def test_training_learns_a_learnable_task(tmp_path):
     before = ep.evaluate(model, data["val"], 32)["miou"]
     best = ep.train_segmentation(model, data["train"], data["val"], epochs=4, batch_size=8, window=32, workers=0,
                                  lr=1e-3, eval_every=2)
-    assert best["miou"] > 85 and best["miou"] > before + 20
+    # seeds 0-19 reach 83.6-96.9 (seed 0: 85.4) from 14.1 or 35.9 before training; a model that does not learn stays
+    # near the latter
+    assert best["miou"] > 75 and best["miou"] > before + 20
 
 
 def test_a_diverged_step_names_the_step_and_the_batch_files(tmp_path):
