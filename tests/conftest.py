@@ -17,6 +17,8 @@ a test file that asks for none of them pays nothing. Costs measured on the 2-cor
 
 Chained: pretrained needs token_shards and text_tokenizer, token_shards needs tokenizers, all need
 synth_world. Together about 1.5-2 minutes.
+
+Also one assertion shared by the parity tests: `assert_argmax_equals_official` (near-ties of float32 logits).
 """
 from __future__ import annotations
 
