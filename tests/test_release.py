@@ -62,7 +62,8 @@ def test_convert_then_generate_equals_official(official, readme_run):
     assert "10 DDIM steps" in out and "default is 50" in out
     lulc = tifffile.imread(work / "gen" / "LULC.tif")                  # tokens -> converted LULC tokenizer
     # 32 of 50176 pixels lie within 2e-4 of a tie (the closest 4.4e-6, at logits up to 1.9)
-    assert_argmax_equals_official(lulc, fix["lulc_map"][0], fix["lulc_second"][0], fix["lulc_gap"][0], 2e-4, "LULC map")
+    assert_argmax_equals_official(lulc, fix["lulc_map"][0], fix["lulc_second"][0], fix["lulc_gap"][0], 2e-4,
+                                  "LULC map")
     model = TerraMind.from_checkpoint(work / "ckpt" / "v1").eval()     # the folder, as every script takes it
     x = standardize("S2L2A", torch.from_numpy(read_input("S2L2A", str(TILE))[0]))[None]
     argmax = Sampling(temperature=0.0, top_p=0.0)
